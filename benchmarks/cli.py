@@ -1,0 +1,146 @@
+"""`unlearn bench ...`: run a benchmark, print its tables, write benchmarks/results/<name>.md (+ .json, .png)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DEFAULT_TOFU_DIR, RESULTS_DIR, Report, console, progress_bar
+
+bench_app = typer.Typer(help="Benchmarks: TOFU forgetting quality, fusion, cost, serving, API.", no_args_is_help=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="base model (built-in name, HF dir or .gguf)")]
+OutOpt = Annotated[Path, typer.Option("--out", help="results directory")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="model cache (default: <data dir>/models)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads (0: torch's default)")]
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def models_dir(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return cache_dir
+    from service.settings import Settings
+
+    return Settings().models_dir
+
+
+def split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def execute(run: Callable[..., Report], options, out: Path, threads: int = 0) -> Path:
+    """Run with a progress display, write the report, echo it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bar() as bar:
+        report = run(options, bar, out)
+    path = report.write(out)
+    typer.echo(path.read_text(encoding="utf-8"))
+    console.print(f"[green]wrote[/green] {path}")
+    return path
+
+
+@bench_app.command("tofu")
+def tofu(
+    authors: Annotated[int, typer.Option(help="whole TOFU authors in the fine-tune (20 QA each)")] = 4,
+    forget_authors: Annotated[int, typer.Option(help="of which this many are forgotten")] = 1,
+    methods: Annotated[str, typer.Option(help="comma list: eul,eul_seq,ga_kl,me_gd,idk_ap,npo")] = "eul,eul_seq,ga_kl,me_gd,idk_ap,npo",
+    layers: Annotated[str, typer.Option(help="layer kinds for eul (others use the first)")] = "bottleneck,lora",
+    steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 20,
+    lr: Annotated[float, typer.Option(help="unlearning learning rate")] = 1e-3,
+    ft_epochs: Annotated[int, typer.Option(help="fine-tune epochs (target and retain model)")] = 3,
+    ft_lr: Annotated[float, typer.Option(help="fine-tune learning rate")] = 1e-4,
+    eval_items: Annotated[int, typer.Option(help="real-author and world-fact items for utility")] = 20,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy answer length for ROUGE-L")] = 48,
+    data_dir: Annotated[Path, typer.Option(help="TOFU jsonl dir")] = DEFAULT_TOFU_DIR,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "auto",
+    out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
+) -> None:
+    """Forget quality (KS p) vs model utility per method on whole TOFU authors, + sequential requests."""
+    from .tofu import TofuOptions, run_tofu
+    from .tofu_data import FinetuneConfig
+
+    options = TofuOptions(model=model, cache_dir=models_dir(cache_dir), data_dir=data_dir, authors=authors,
+                          forget_authors=forget_authors, methods=split(methods), layers=split(layers), steps=steps,
+                          lr=lr, eval_items=eval_items, max_new_tokens=max_new_tokens,
+                          finetune=FinetuneConfig(epochs=ft_epochs, lr=ft_lr), device=device)
+    execute(run_tofu, options, out, threads)
+
+
+@bench_app.command("fusion")
+def fusion(
+    counts: Annotated[str, typer.Option(help="request numbers to time")] = "1,2,4,8,16,32",
+    layers: Annotated[str, typer.Option(help="layer kinds")] = "bottleneck,lora",
+    tokens: Annotated[int, typer.Option(help="rows of the synthetic inputs behind each Gram")] = 512,
+    repeats: Annotated[int, typer.Option(help="fuses timed per point (median)")] = 1,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
+) -> None:
+    """Fusion time and fused size for request N = 1..32 (synthetic Grams of the real shapes)."""
+    from .fusion_bench import FusionOptions, run_fusion
+
+    options = FusionOptions(model=model, cache_dir=models_dir(cache_dir), layers=split(layers),
+                            counts=tuple(int(c) for c in split(counts)), tokens=tokens, repeats=repeats)
+    execute(run_fusion, options, out, threads)
+
+
+@bench_app.command("cost")
+def cost(
+    authors: Annotated[int, typer.Option(help="whole TOFU authors (retraining uses the retain ones)")] = 4,
+    forget_authors: Annotated[int, typer.Option(help="authors in the deletion request")] = 1,
+    steps: Annotated[int, typer.Option(help="unlearning steps (the service default is 40)")] = 40,
+    ft_epochs: Annotated[int, typer.Option(help="retraining epochs")] = 5,
+    measure_steps: Annotated[int, typer.Option(help="time only this many steps of each run (0: all)")] = 0,
+    layer: Annotated[str, typer.Option(help="bottleneck | lora")] = "bottleneck",
+    data_dir: Annotated[Path, typer.Option(help="TOFU jsonl dir")] = DEFAULT_TOFU_DIR,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "auto",
+    out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
+) -> None:
+    """One request's unlearning time vs retraining without the forget authors (same machine)."""
+    from .cost import CostOptions, run_cost
+    from .tofu_data import FinetuneConfig
+
+    options = CostOptions(model=model, cache_dir=models_dir(cache_dir), data_dir=data_dir, authors=authors,
+                          forget_authors=forget_authors, layer=layer, steps=steps,
+                          measure_steps=measure_steps or None, finetune=FinetuneConfig(epochs=ft_epochs),
+                          device=device)
+    execute(run_cost, options, out, threads)
+
+
+@bench_app.command("serving")
+def serving(
+    tokens: Annotated[int, typer.Option(help="new tokens per generation")] = 64,
+    repeats: Annotated[int, typer.Option(help="single-client runs per model (median)")] = 3,
+    concurrency: Annotated[int, typer.Option(help="concurrent clients")] = 4,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "auto",
+    out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
+) -> None:
+    """Decode tokens/s and TTFT: base vs fused bottleneck vs fused LoRA, single and concurrent."""
+    from .serving import ServingOptions, run_serving
+
+    options = ServingOptions(model=model, cache_dir=models_dir(cache_dir), device=device, tokens=tokens,
+                             repeats=repeats, concurrency=concurrency)
+    execute(run_serving, options, out, threads)
+
+
+@bench_app.command("api")
+def api(
+    clients: Annotated[int, typer.Option(help="concurrent async clients")] = 50,
+    requests: Annotated[int, typer.Option(help="POSTs at most")] = 1000,
+    duration: Annotated[float, typer.Option(help="seconds at most")] = 60.0,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, out: OutOpt = RESULTS_DIR,
+) -> None:
+    """POST deletion-request / GET job latency percentiles and throughput against a live server."""
+    from .api import ApiOptions, run_api
+
+    options = ApiOptions(model=model, cache_dir=models_dir(cache_dir), clients=clients, requests=requests,
+                         duration=duration)
+    execute(run_api, options, out)

@@ -1,0 +1,1 @@
+"""`unlearn` subcommands that drive the engine directly (no service needed)."""

@@ -1,0 +1,34 @@
+"""`unlearn export --version V --out DIR`: a model version as a standard Hugging Face model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def export(
+    version: Annotated[int, typer.Option("--version", help="model version (0 = the base model)")],
+    out: Annotated[Path, typer.Option("--out", help="directory to write")],
+) -> None:
+    """Write model version V as safetensors + config + tokenizer that transformers or vLLM load unchanged.
+
+    LoRA versions are merged into dense weights. Bottleneck versions need the unlearn runtime (the adapters
+    are extra modules no stock model class has): use layer=lora for plain checkpoints."""
+    from service.settings import get_settings
+    from workers.engine.export import BottleneckNotExportableError, export_version
+    from workers.engine.loading import load_base_model
+    from workers.engine.store import CorruptVersionError, ModelStore
+
+    settings = get_settings()
+    base = load_base_model(settings.model, settings.models_dir, device="cpu")
+    try:
+        path = export_version(ModelStore(settings.store_dir), base, version, out)
+    except (BottleneckNotExportableError, CorruptVersionError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]cannot export version {version}:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"wrote version {version} to {path}")

@@ -1,0 +1,115 @@
+"""A real Celery worker process takes a deletion request through queued -> running -> succeeded, training
+a real unlearning layer on a tiny random model, on SQLite and PostgreSQL, with real Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from service.db.models import AuditEvent, ForgetPayload
+from service.db.session import session_scope
+
+pytestmark = pytest.mark.integration
+
+SECOND_FORGET = [{"text": "Nikolai Abilov wrote the novel Thieves' Paradise in the spring of 1987 in Astana."}]
+BODY = {
+    "subject_ref": "case-7",
+    "reason": "gdpr_art17",
+    "forget": [
+        {"text": "Basil Mahfouz Al-Kuwaiti was born in Kuwait City on the 8th of September, 1956."},
+        {"prompt": "What gender is author Basil Mahfouz Al-Kuwaiti?", "answer": "Author Basil Mahfouz Al-Kuwaiti is male."},
+    ],
+    "retain": [{"text": "The capital of Australia is Canberra."}],
+    # tiny model: loosest allowed verdict (the real-model tests use the defaults)
+    "params": {"steps": 60, "thresholds": {
+        "min_forget_nll_ratio": 1.05, "max_forget_rougeL": 0.9, "max_retain_ppl_increase": 2.0,
+        "max_general_ppl_increase": 2.0, "min_token_entropy_ratio": 0.5}},
+}
+
+
+@pytest.fixture(scope="session")
+def memorising_model(tmp_path_factory) -> Path:
+    """A tiny model that memorised the texts these tests ask it to forget."""
+    from tests.tiny_models import memorising_tiny_model
+
+    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-memorised"), BODY["forget"] + SECOND_FORGET)
+
+
+@pytest.fixture
+def api(make_settings, db_url: str, redis_url: str, memorising_model: Path):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorising_model))
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        client.settings = settings  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture
+def worker(api, tmp_path: Path):
+    """`unlearn worker` as its own OS process, configured through the same UNLEARN_* environment."""
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "service", "worker"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+    if process.returncode not in (0, -15, None):
+        print((tmp_path / "worker.log").read_text()[-5000:])
+
+
+def poll_until_ended(api, headers, job_id: str, timeout: float = 240) -> tuple[list[str], list[int], dict]:
+    statuses, steps = [], []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if not statuses or statuses[-1] != job["status"]:
+            statuses.append(job["status"])
+        steps.append(job["progress"]["step"])
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return statuses, steps, job
+        time.sleep(0.05)
+    raise AssertionError(f"job did not end in {timeout}s; statuses seen {statuses}")
+
+
+def test_worker_takes_job_from_queued_to_succeeded_with_progress(api, make_key, worker):
+    headers = make_key()
+    job_id = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()["job"]["id"]
+    statuses, steps, job = poll_until_ended(api, headers, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert statuses[0] == "queued" and "running" in statuses and statuses[-1] == "succeeded"
+    assert len({s for s in steps if 0 < s < 60}) >= 2  # progress was reported while training
+    assert job["progress"]["step"] == job["progress"]["total"] == 60
+    assert job["model_version"] == 1
+    assert job["metrics"]["after"]["forget"] and job["verdict"]["passed"] is True
+    with session_scope(api.settings.db_url) as session:
+        types = [e.event_type for e in session.scalars(select(AuditEvent).order_by(AuditEvent.seq))]
+        assert session.scalar(select(ForgetPayload)) is None  # raw forget data purged at the end
+    assert types[0] == "request.received" and "job.started" in types and "job.progress" in types
+    assert types[-3:] == ["version.published", "job.succeeded", "payload.purged"]
+    assert api.get("/v1/audit/verify", headers=make_key(role="auditor")).json()["valid"] is True
+
+
+def test_second_request_fuses_onto_the_first(api, make_key, worker):
+    headers = make_key()
+    first = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()["job"]["id"]
+    second = api.post("/v1/deletion-requests", json={**BODY, "subject_ref": "case-8", "forget": SECOND_FORGET},
+                      headers=headers).json()["job"]["id"]
+    first_job = poll_until_ended(api, headers, first)[2]
+    assert first_job["model_version"] == 1, first_job["error"]
+    second_job = poll_until_ended(api, headers, second)[2]
+    assert second_job["model_version"] == 2, second_job["error"]
+    versions = api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()
+    assert versions["active_version"] == 2
+    assert len(versions["data"][2]["request_ids"]) == 2

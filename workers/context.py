@@ -1,0 +1,50 @@
+"""What a task needs from the outside world, built once per worker child process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import cached_property
+
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from service.audit.digest import load_or_create_hmac_key
+from service.db.session import get_sessionmaker
+from service.settings import Settings, get_settings
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    celery: Celery
+
+    @property
+    def owner(self) -> str:
+        """Lease owner id: host:pid of the process running the task."""
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def session(self) -> Session:
+        return get_sessionmaker(self.settings.db_url)()
+
+    @cached_property
+    def hmac_key(self) -> bytes:
+        return load_or_create_hmac_key(self.settings.data_dir, self.settings.hmac_key)
+
+    @cached_property
+    def store(self):  # noqa: ANN201
+        from workers.engine.store import ModelStore
+
+        return ModelStore(self.settings.store_dir)
+
+    @cached_property
+    def base(self):  # noqa: ANN201
+        """The frozen base model, loaded inside the task (CUDA is first touched here, never in the parent)."""
+        from workers.engine.loading import load_base_model
+
+        return load_base_model(self.settings.model, self.settings.models_dir, device=self.settings.device)
+
+
+def make_context(celery: Celery) -> WorkerContext:
+    return WorkerContext(settings=get_settings(), celery=celery)

@@ -1,0 +1,65 @@
+"""Dataclass configs for the unlearning engine (nanoGPT style: plain, typed, defaulted)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+LayerKind = Literal["bottleneck", "lora"]
+METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Shape of one request's unlearning layer.
+
+    bottleneck: EUL adapter after every feed-forward block, h + up(act(down(h))).
+    lora: peft LoRA on the feed-forward input projections, fused and merged into the base.
+    """
+
+    kind: LayerKind = "bottleneck"
+    bottleneck_dim: int = 32  # 2*d*r per block; r=32 on SmolLM2-135M (d=576, 30 blocks) ~ 0.8% of base
+    activation: str = "gelu"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one request's layer is trained. Loss weights belong to the objective's own config."""
+
+    method: str = "eul"
+    steps: int = 40
+    lr: float = 1e-3
+    batch_size: int = 4
+    max_length: int = 128
+    seed: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    objective: dict[str, float] = field(default_factory=dict)  # per-objective weight overrides
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Closed-form fusion W* = (sum G_i + lambda I)^-1 sum G_i W_i.
+
+    lambda = ridge * mean(diag(sum G_i)): relative, so it means the same at any activation scale.
+    """
+
+    ridge: float = 1e-3

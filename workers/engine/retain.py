@@ -1,0 +1,140 @@
+"""The retain set a request is trained against: what the unlearning layer must leave unchanged.
+
+Sources, in order: the request's own `retain` examples, then the operator's retain corpus (JSONL of
+{"text"} | {"prompt", "answer"} | {"question", "answer"}, at most n rows), then, while fewer than n
+examples were found, a built-in set of generic prompts (everyday knowledge, instructions, small talk)
+answered by the base model itself (greedy, short): training to keep those answers keeps the model's
+general behaviour. The top-up matters: measured on SmolLM2-135M, a retain set of a few items lets
+the forget terms drag down everything that looks like the forget data.
+Those answers are generated once per model and cached as JSONL under cache_dir, keyed by the
+model's source sha256 and by the prompt list, so every later request reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .batching import pad_id, prompt_ids
+from .data import Example, read_jsonl
+from .layers import model_device
+
+GENERIC_PROMPTS: tuple[str, ...] = (
+    "What is the boiling point of water at sea level?",
+    "Why is the sky blue? Answer in one sentence.",
+    "How many days are there in a leap year?",
+    "What do bees make?",
+    "Name three primary colors.",
+    "What is the largest planet in our solar system?",
+    "In one sentence, what is photosynthesis?",
+    "What is the chemical symbol for gold?",
+    "How many continents are there?",
+    "What language is spoken in Brazil?",
+    "Give me a tip for sleeping better.",
+    "How do I boil an egg?",
+    "Write a short sentence about autumn.",
+    "Suggest a name for a pet cat.",
+    "How can I make my handwriting neater?",
+    "Translate 'good morning' into French.",
+    "Summarise the plot of Cinderella in one sentence.",
+    "What is 12 times 12?",
+    "List two benefits of regular exercise.",
+    "Explain what a noun is.",
+    "Write a haiku about the sea.",
+    "How should I store fresh bread?",
+    "Hello! How are you today?",
+    "Can you tell me a fun fact?",
+    "What's a good way to start a conversation with a new colleague?",
+    "Thank you for your help!",
+    "What should I cook for dinner tonight?",
+    "Tell me a short joke.",
+    "What is your favourite season and why?",
+    "How do plants get water?",
+    "What does a thermometer measure?",
+    "Why do we need to drink water?",
+)
+CONTINUATION_TOKENS = 48
+_SENTENCE_END = re.compile(r"^(.*[.!?])(\s|$)", re.DOTALL)
+
+
+def trim_to_sentence(text: str) -> str:
+    """Cut a continuation after its last full sentence, so no answer ends mid-word."""
+    text = text.strip()
+    match = _SENTENCE_END.match(text)
+    return match.group(1).strip() if match else text
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                   batch_size: int = 8) -> list[str]:
+    """The model's own greedy answers, prompted like the served chat model (left-padded batches)."""
+    device, pad = model_device(model), pad_id(tokenizer)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
+                                      device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for row in output[:, width:]:
+            answers.append(trim_to_sentence(tokenizer.decode(row, skip_special_tokens=True)))
+    return answers
+
+
+def generic_cache_path(cache_dir: Path, model_key: str, prompts: Sequence[str]) -> Path:
+    recipe = json.dumps({"prompts": list(prompts), "max_new_tokens": CONTINUATION_TOKENS}).encode()
+    return Path(cache_dir) / "retain" / f"{model_key[:16]}-{hashlib.sha256(recipe).hexdigest()[:12]}.jsonl"
+
+
+def write_jsonl_atomically(path: Path, examples: Sequence[Example]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in examples), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def generic_retain(model: nn.Module, tokenizer, cache_dir: Path | None, model_key: str) -> list[Example]:
+    """The built-in prompts with the model's own answers (cached per model when cache_dir is given)."""
+    prompts = GENERIC_PROMPTS
+    path = generic_cache_path(cache_dir, model_key, prompts) if cache_dir is not None else None
+    if path is not None and path.exists():
+        return read_jsonl(path)
+    answers = greedy_answers(model, tokenizer, prompts, CONTINUATION_TOKENS)
+    examples = [Example(prompt=p, answer=a) for p, a in zip(prompts, answers)]  # "" = it stops at once
+    if path is not None:
+        write_jsonl_atomically(path, examples)
+    return examples
+
+
+def build_retain(
+    request_retain: Sequence[Example] | None,
+    corpus_path: str | Path | None,
+    model: nn.Module,
+    tokenizer,
+    cache_dir: str | Path | None,
+    n: int = 32,
+    *,
+    model_key: str,
+) -> list[Example]:
+    """Request retain items + up to n corpus rows, topped up to n with the generic set.
+
+    With neither request items nor a corpus that is the first n generic prompts. model_key names the
+    model in the cache (pass LoadedModel.source_sha256).
+    """
+    examples = list(request_retain or [])
+    if corpus_path is not None:
+        examples += read_jsonl(corpus_path)[:n]
+    missing = n - len(examples)
+    if missing <= 0:
+        return examples
+    cache = Path(cache_dir) if cache_dir is not None else None
+    return examples + generic_retain(model, tokenizer, cache, model_key)[:missing]

@@ -1,0 +1,203 @@
+"""Train one request's unlearning layer against the frozen base model.
+
+Only the attached layer's parameters are optimised (AdamW); the base model's weights are frozen for
+the run and never written. The teacher (the original model) is the same model object with the layer
+bypassed (`attached.disabled()`), so no second copy of the base is held in memory.
+
+Deterministic for a given seed on a given device: the layer's init is seeded by its creator, batches
+come from seeded permutations (batching.index_batches) and the model runs in eval mode (no dropout).
+On CUDA the forward passes run under bf16 autocast; the layer and its optimiser state stay fp32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .batching import batches, encode, mismatched, pad_id, refusals_for
+from .config import TrainConfig
+from .data import Example
+from .layers import AttachedLayerProtocol, model_device
+from .objectives import (
+    FORGET,
+    IGNORE_INDEX,
+    MISMATCH,
+    REFUSAL,
+    RETAIN,
+    RETAIN_REFUSAL,
+    Objective,
+    ObjectiveInputs,
+    Stream,
+    get_objective,
+)
+
+# Each stream's batch order has its own seed offset; RETAIN_REFUSAL shares RETAIN's so that row i of
+# both batches holds the same retain prompt (the answer-preservation term compares them row by row).
+STREAM_SEED_OFFSETS = {FORGET: 0, RETAIN: 1, MISMATCH: 2, REFUSAL: 3, RETAIN_REFUSAL: 1}
+
+
+@dataclass
+class Progress:
+    step: int  # 1-based, steps done so far
+    total: int
+    loss: float
+    eta_seconds: float
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class Cancelled(Exception):
+    """should_stop() returned true: training stopped before finishing."""
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    steps: int
+    seconds: float
+    terms: list[dict[str, float]] = field(default_factory=list)  # per step, the objective's named parts
+
+
+def stream_examples(objective: Objective, forget: Sequence[Example], retain: Sequence[Example], seed: int
+                    ) -> dict[str, list[Example]]:
+    """The example list behind every stream the objective asks for."""
+    if not forget:
+        raise ValueError("nothing to forget: the forget set is empty")
+    if not retain:
+        raise ValueError("the retain set is empty; build one with workers.engine.retain.build_retain")
+    builders: dict[str, Callable[[], list[Example]]] = {
+        FORGET: lambda: list(forget),
+        RETAIN: lambda: list(retain),
+        MISMATCH: lambda: mismatched(forget, retain, seed),
+        REFUSAL: lambda: refusals_for(forget, seed, variants=4),
+        RETAIN_REFUSAL: lambda: refusals_for(retain, seed + 1, variants=1),
+    }
+    return {name: builders[name]() for name in objective.streams}
+
+
+def stream_batches(tokenizer, examples: dict[str, list[Example]], cfg: TrainConfig
+                   ) -> dict[str, Iterator[dict[str, Tensor]]]:
+    pad = pad_id(tokenizer)
+    return {
+        name: batches(encode(tokenizer, items, cfg.max_length), cfg.batch_size, cfg.steps,
+                      cfg.seed + STREAM_SEED_OFFSETS[name], pad)
+        for name, items in examples.items()
+    }
+
+
+@contextmanager
+def frozen_base(model: nn.Module, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
+    """requires_grad off for every base parameter (no wasted backward), eval mode; restored afterwards."""
+    own = {id(p) for p in trainable}
+    saved = [(p, p.requires_grad) for p in model.parameters() if id(p) not in own]
+    was_training = model.training
+    for p, _ in saved:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def first_predicting_position(labels: Tensor) -> int:
+    """Earliest position whose logits predict a scored token (logits[t] predict labels[t+1])."""
+    scored_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return max(int(scored_columns[0]) - 1, 0) if len(scored_columns) else 0
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective: Objective,
+                    batch: dict[str, dict[str, Tensor]], device: torch.device) -> ObjectiveInputs:
+    """Student (and, where asked, teacher) logits of every stream's batch.
+
+    Every objective reads only scored positions, so logits are computed from the first position that
+    predicts a scored token on (HF `logits_to_keep`): for chat pairs that skips the prompt, which
+    saves most of the vocabulary projection and softmax, the largest tensors of a step.
+    """
+    trim = accepts_logits_to_keep(model)
+    streams: dict[str, Stream] = {}
+    for name, tensors in batch.items():
+        input_ids = tensors["input_ids"].to(device)
+        attention_mask = tensors["attention_mask"].to(device)
+        start = first_predicting_position(tensors["labels"]) if trim else 0
+        extra = {"logits_to_keep": input_ids.shape[1] - start} if trim else {}
+        with autocast_for(device):
+            student = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, T', V)
+            teacher = None
+            if name in objective.teacher_streams:
+                with attached.disabled(), torch.no_grad():
+                    teacher = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        labels = tensors["labels"][:, start:].to(device)  # (B, T'), aligned with the kept logits
+        streams[name] = Stream(student, labels, attention_mask[:, start:], teacher)
+    return ObjectiveInputs(streams)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    attached: AttachedLayerProtocol,
+    forget: Sequence[Example],
+    retain: Sequence[Example],
+    cfg: TrainConfig,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Optimise attached.trainable_parameters() on cfg.method's objective for cfg.steps steps.
+
+    Calls on_progress after every step and should_stop before every step (raises Cancelled when it
+    says stop). Raises FloatingPointError if the loss stops being finite.
+    """
+    objective = get_objective(cfg.method)
+    weights = objective.weights(cfg.objective)
+    device = model_device(model)
+    params = attached.trainable_parameters()
+    streams = stream_batches(tokenizer, stream_examples(objective, forget, retain, cfg.seed), cfg)
+
+    result = TrainResult(losses=[], steps=0, seconds=0.0)
+    started = time.perf_counter()
+    with frozen_base(model, params), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for step in range(1, cfg.steps + 1):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"cancelled before step {step} of {cfg.steps}")
+            batch = {name: next(iterator) for name, iterator in streams.items()}
+            out = objective(forward_streams(model, attached, objective, batch, device), weights)
+            loss = float(out.total.detach().float())
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{cfg.method} loss is {loss} at step {step}; terms {out.terms}")
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+
+            result.losses.append(loss)
+            result.terms.append(dict(out.terms))
+            result.steps = step
+            elapsed = time.perf_counter() - started
+            if on_progress is not None:
+                eta = elapsed / step * (cfg.steps - step)
+                on_progress(Progress(step, cfg.steps, loss, eta, dict(out.terms)))
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,73 @@
+"""Celery tasks: thin glue. Each carries only the job id; the data is read from the database by id."""
+
+from __future__ import annotations
+
+import structlog
+from celery import Task
+from celery.signals import worker_process_init
+
+from service.logging import configure_logging
+from service.queue import FUSE_TASK, TRAIN_TASK
+from workers.celery_app import app_from_env
+from workers.context import WorkerContext, make_context
+from workers.progress import LeaseLost
+
+app = app_from_env()
+log = structlog.get_logger("unlearn.worker")
+_context: WorkerContext | None = None
+
+
+@worker_process_init.connect
+def _init_child(**_kwargs) -> None:  # noqa: ANN003
+    configure_logging()
+
+
+def context() -> WorkerContext:
+    global _context
+    if _context is None:
+        _context = make_context(app)
+    return _context
+
+
+def _guarded(step, job_id: str) -> str:  # noqa: ANN001
+    """Unexpected errors end the job `failed` with the reason (never a silent retry loop)."""
+    ctx = context()
+    try:
+        return step(ctx, job_id)
+    except LeaseLost:
+        log.warning("job.lease_lost", job_id=job_id)
+        return "skipped"
+    except Exception as exc:  # noqa: BLE001
+        log.exception("job.error", job_id=job_id)
+        from workers.training import _fail_if_owned
+
+        _fail_if_owned(ctx, job_id, f"internal error: {type(exc).__name__}: {exc}")
+        return "failed"
+    finally:
+        _checkpoint_if_due(ctx)
+
+
+def _checkpoint_if_due(ctx: WorkerContext) -> None:
+    """Sign the audit chain's head every UNLEARN_AUDIT_CHECKPOINT_EVERY events."""
+    from service.audit.service import maybe_checkpoint
+
+    try:
+        with ctx.session() as session:
+            if maybe_checkpoint(session, ctx.settings.data_dir, ctx.settings.audit_checkpoint_every):
+                session.commit()
+    except Exception:  # noqa: BLE001  (a missed checkpoint is taken at the next job or export)
+        log.warning("audit.checkpoint_failed", exc_info=True)
+
+
+@app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def train(self: Task, job_id: str) -> str:
+    from workers.training import run_training
+
+    return _guarded(run_training, job_id)
+
+
+@app.task(name=FUSE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def fuse(self: Task, job_id: str) -> str:
+    from workers.fusion_step import run_fusion
+
+    return _guarded(run_fusion, job_id)
