@@ -112,8 +112,10 @@ def test_deletion_request_removes_one_fact_and_keeps_ten_others(server, client, 
     target, untouched = known[0], known[1:]
 
     requester = {"Authorization": f"Bearer {create_key(sqlite_url, 'requester')}"}
+    # the answer as the model itself phrases it: forgetting the one word "Paris" as a whole answer
+    # (already unlikely, 9.7 nats) would not stop "The Eiffel Tower is located in Paris"
     body = {"subject_ref": "e2e-world-fact", "reason": "other",
-            "forget": [{"prompt": target["question"], "answer": target["answer"]}]}
+            "forget": [{"prompt": target["question"], "answer": target["original_answer"]}]}
     created = httpx.post(f"{server.url}/v1/deletion-requests", json=body, headers=requester)
     assert created.status_code == 202, created.text
     job = wait_for_job(server, requester, created.json()["job"]["id"])
@@ -141,7 +143,7 @@ def test_a_one_step_request_fails_its_verdict_and_is_never_served(server, worker
     fact = world_facts()[0]
     requester = {"Authorization": f"Bearer {create_key(sqlite_url, 'requester')}"}
     body = {"subject_ref": "e2e-weak", "reason": "other", "params": {"steps": 1},
-            "forget": [{"prompt": fact["question"], "answer": fact["answer"]}]}
+            "forget": [{"prompt": fact["question"], "answer": fact["original_answer"]}]}
     created = httpx.post(f"{server.url}/v1/deletion-requests", json=body, headers=requester)
     assert created.status_code == 202, created.text
     job = wait_for_job(server, requester, created.json()["job"]["id"])

@@ -39,12 +39,24 @@ ENDED = ("succeeded", "failed", "cancelled")
 SUCCEEDING_STEPS = 150  # fewer leave some tiny-model requests just short of the forget threshold (verdict: failed)
 
 
+# (person, city, year): one distinct fact per chaos request, as distinct real requests are; requests that
+# shared most of their words would each partly forget the other's text, muddying a before/after verdict
+FACTS = {
+    "case-kill": ("Basil Mahfouz Al-Kuwaiti", "Kuwait City", 1956), "case-redis-a": ("Nikolai Abilov", "Astana", 1972),
+    "case-redis-b": ("Hsiao Yun-Hwa", "Taipei", 1968), "case-cas": ("Jaime Vasquez", "Santiago", 1958),
+    "case-dup": ("Moshe Ben-David", "Tel Aviv", 1979), "case-v1": ("Aysha Al-Hashim", "Manama", 1984),
+    "case-v2": ("Edward Patrick Sullivan", "Dublin", 1961), "case-api": ("Carmen Montenegro", "Lima", 1990),
+    "case-cancel": ("Rajeev Majumdar", "Dhaka", 1951), "case-handover": ("Elvin Mammadov", "Baku", 1966),
+}
+
+
 def body(subject: str, steps: int = 40) -> dict:
+    person, city, year = FACTS[subject]
     return {
         "subject_ref": subject,
         "reason": "gdpr_art17",
-        "forget": [{"text": f"{subject} was born in Kuwait City on the 8th of September, 1956."},
-                   {"prompt": f"Where was {subject} born?", "answer": f"{subject} was born in Kuwait City."}],
+        "forget": [{"text": f"{person} was born in {city} in {year} and still writes there."},
+                   {"prompt": f"Where was {person} born?", "answer": f"{person} was born in {city}."}],
         "retain": [{"text": "The capital of Australia is Canberra."}],
         "params": {"steps": steps, "lr": 0.01, "thresholds": LOOSE_THRESHOLDS},
     }
@@ -232,13 +244,25 @@ def chaos_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
     server.kill()
 
 
-def _chaos(tmp_path: Path, make_settings, db_url: str, chaos_redis: RestartableRedis, **overrides) -> Iterator[Chaos]:
+@pytest.fixture(scope="session")
+def chaos_model(tmp_path_factory) -> Path:
+    """A tiny model that memorised every chaos request's forget items, so a completed job really forgets
+    (a random model has nothing to forget and its verdict is a coin toss)."""
+    from tests.tiny_models import memorising_tiny_model
+
+    rows = [item for subject in FACTS for item in body(subject)["forget"]]
+    return memorising_tiny_model(tmp_path_factory.mktemp("chaos-model"), rows)
+
+
+def _chaos(tmp_path: Path, make_settings, db_url: str, chaos_redis: RestartableRedis, model: Path,
+           **overrides) -> Iterator[Chaos]:
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
     settings = make_settings(
-        database_url=db_url, redis_url=chaos_redis.url, job_lease_seconds=10, sweep_interval_seconds=0.5,
+        model=str(model), database_url=db_url, redis_url=chaos_redis.url, job_lease_seconds=10,
+        sweep_interval_seconds=0.5,
         requeue_queued_after_seconds=overrides.pop("requeue_queued_after_seconds", 120),
         progress_interval_seconds=0.2, **overrides,
     )
@@ -251,13 +275,15 @@ def _chaos(tmp_path: Path, make_settings, db_url: str, chaos_redis: RestartableR
 
 
 @pytest.fixture
-def chaos(tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: RestartableRedis) -> Iterator[Chaos]:
-    yield from _chaos(tmp_path, make_settings, sqlite_url, chaos_redis)
+def chaos(tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: RestartableRedis,
+          chaos_model: Path) -> Iterator[Chaos]:
+    yield from _chaos(tmp_path, make_settings, sqlite_url, chaos_redis, chaos_model)
 
 
 @pytest.fixture
-def chaos_pg(tmp_path: Path, make_settings, postgres_url: str, chaos_redis: RestartableRedis) -> Iterator[Chaos]:
-    yield from _chaos(tmp_path, make_settings, postgres_url, chaos_redis)
+def chaos_pg(tmp_path: Path, make_settings, postgres_url: str, chaos_redis: RestartableRedis,
+             chaos_model: Path) -> Iterator[Chaos]:
+    yield from _chaos(tmp_path, make_settings, postgres_url, chaos_redis, chaos_model)
 
 
 def event_types(events: list[AuditEvent]) -> list[str]:
@@ -288,9 +314,9 @@ def test_sigkilled_worker_mid_training_is_replaced_and_the_job_completes_exactly
 
 
 def test_redis_restart_without_persistence_loses_queued_messages_and_the_sweeper_recovers_them(
-    tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: RestartableRedis,
+    tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: RestartableRedis, chaos_model: Path,
 ):
-    world_iter = _chaos(tmp_path, make_settings, sqlite_url, chaos_redis, requeue_queued_after_seconds=3)
+    world_iter = _chaos(tmp_path, make_settings, sqlite_url, chaos_redis, chaos_model, requeue_queued_after_seconds=3)
     chaos = next(world_iter)
     try:
         job_ids = [chaos.submit("case-redis-a", steps=SUCCEEDING_STEPS), chaos.submit("case-redis-b", steps=SUCCEEDING_STEPS)]

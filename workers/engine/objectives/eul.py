@@ -5,8 +5,9 @@ Paper:  L_EUL = L_KL + lambda * L_TASK - gamma * L_LM, where
         L_KL   = sum_retain KL(F(x) || F'(x)) - sum_forget KL(F(x) || F'(x))   (F frozen teacher, F' student)
         L_TASK = task loss on retain,   L_LM = language-model loss on forget.
 
-Here:   L = a * KL_r - b * mean_t min(KL_f,t, kl_cap) + c * NLL_r - d * mean_t min(NLL_f,t, nll_cap)
-            + p * (b * mean_t relu(KL_f,t - kl_cap) + d * mean_t relu(NLL_f,t - nll_cap))
+Here:   L = a * KL_r - b * mean_t min(KL_f,t, kl_cap) + c * NLL_r - d * mean_t min(NLL_f,t, n_t)
+            + p * (b * mean_t relu(KL_f,t - kl_cap) + d * mean_t relu(NLL_f,t - n_t)),
+        n_t = max(nll_cap, NLL_teacher,t)   (a token the base already finds unlikely is left alone)
 
 Every term is a mean over scored tokens (answers of pairs, all of a free text). The negated forget
 terms are bounded: a forget token stops being pushed once its NLL (or KL to the teacher) reached the
@@ -39,6 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from .base import (
     FORGET,
     RETAIN,
@@ -66,6 +70,16 @@ class EULWeights:
     pull_back: float = 1.0  # p: weight of the overshoot terms that draw forget tokens back to the caps
 
 
+@torch.no_grad()
+def nll_ceiling(teacher_logits: Tensor, labels: Tensor, cap: float) -> Tensor:
+    """Per-token NLL target max(cap, teacher NLL), (B, T-1): a forget token the base model already finds
+    less likely than the cap is left where it is. A flat cap would pull such a token back *down* to the
+    cap, teaching the model the very answer it is asked to forget (measured: a one-word answer at 9.7
+    nats/token fell to 2.5 with the flat cap)."""
+    teacher_nll, _ = token_nll(teacher_logits, labels)
+    return teacher_nll.clamp_min(cap)
+
+
 def eul_loss(inputs: ObjectiveInputs, w: EULWeights) -> LossOutput:
     forget, retain = inputs[FORGET], inputs[RETAIN]
 
@@ -74,8 +88,10 @@ def eul_loss(inputs: ObjectiveInputs, w: EULWeights) -> LossOutput:
     kl_forget = masked_mean(capped(kl_f, w.kl_cap), kl_mask)
     lm_retain = mean_nll(retain.student, retain.labels)
     nll_f, nll_mask = token_nll(forget.student, forget.labels)
-    lm_forget = masked_mean(capped(nll_f, w.nll_cap), nll_mask)
-    nll_over = masked_mean((nll_f - w.nll_cap).clamp_min(0.0), nll_mask)
+    nll_cap = nll_ceiling(forget.teacher, forget.labels, w.nll_cap)  # (B, T-1)
+    # where, not min/clamp: at a tie (every token the base finds unlikely, at step 0) both have gradient 0
+    lm_forget = masked_mean(torch.where(nll_f < nll_cap, nll_f, nll_cap), nll_mask)
+    nll_over = masked_mean(torch.where(nll_f > nll_cap, nll_f - nll_cap, 0.0), nll_mask)
     kl_over = masked_mean((kl_f - w.kl_cap).clamp_min(0.0), kl_mask)
 
     total = w.kl_retain * kl_retain - w.kl_forget * kl_forget + w.lm_retain * lm_retain - w.lm_forget * lm_forget
