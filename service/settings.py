@@ -5,6 +5,8 @@ Bad values are refused at start with a message that names the variable (see `che
 
 from __future__ import annotations
 
+import json
+
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -62,6 +64,22 @@ class Settings(BaseSettings):
         from workers.engine.verify.verdict import Thresholds
 
         Thresholds().bounded(value)  # raises ValueError naming the threshold and its bounds
+        return value
+
+    @field_validator("retain_corpus")
+    @classmethod
+    def _retain_corpus_readable(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"retain corpus {value} is not a readable file")
+        for number, line in enumerate(value.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line) if line.strip() else {"text": ""}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"retain corpus {value} line {number} is not JSON: {exc.msg}") from exc
+            if not isinstance(row, dict) or not {"text", "prompt", "question"} & set(row):
+                raise ValueError(f"retain corpus {value} line {number}: want text, or prompt/question (+ answer)")
         return value
 
     # job execution

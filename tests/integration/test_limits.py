@@ -214,3 +214,20 @@ def test_bad_rate_setting_is_refused_at_start(make_settings):
 
     with pytest.raises(ValidationError, match="rate_limit_requests"):
         make_settings(rate_limit_requests="lots")
+
+
+@pytest.mark.parametrize("content", ['{"question": "Q"}\nnot json\n', '{"answer": "no prompt"}\n'])
+def test_a_malformed_retain_corpus_is_refused_at_start_naming_the_line(make_settings, tmp_path, content):
+    from pydantic import ValidationError
+
+    corpus = tmp_path / "retain.jsonl"
+    corpus.write_text(content)
+    with pytest.raises(ValidationError, match="retain corpus .* line"):
+        make_settings(retain_corpus=corpus)
+
+
+def test_a_missing_retain_corpus_is_refused_at_start(make_settings, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a readable file"):
+        make_settings(retain_corpus=tmp_path / "absent.jsonl")

@@ -11,7 +11,13 @@ from workers.engine.config import FusionConfig, LayerConfig, TrainConfig
 from workers.engine.data import Example
 from workers.engine.layers import create_attached
 from workers.engine.loading import LoadedModel
-from workers.engine.retain import GENERIC_PROMPTS, build_retain, trim_to_sentence
+from workers.engine.retain import (
+    CONTINUATION_TOKENS,
+    GENERIC_PROMPTS,
+    build_retain,
+    greedy_answers,
+    trim_to_sentence,
+)
 from workers.engine.store import ModelStore
 from workers.engine.testing import tiny_model, tiny_tokenizer
 from workers.engine.trainer import Cancelled
@@ -133,6 +139,17 @@ def test_retain_uses_request_items_then_the_operator_corpus(tmp_path):
     got = build_retain(RETAIN, corpus, base.model, base.tokenizer, tmp_path, n=2, model_key=base.source_sha256)
     assert got == RETAIN + [Example(prompt="Q1", answer="A1"), Example(text="T2")]
     assert not (tmp_path / "retain").exists()  # enough items: no generation
+
+
+def test_corpus_prompts_without_answers_are_answered_by_the_model_once(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"question": "Q1"}\n{"text": "T2"}\n{"prompt": "P3"}\n')
+    base = tiny_base()
+    got = build_retain(None, corpus, base.model, base.tokenizer, tmp_path, n=3, model_key=base.source_sha256)
+    assert got[0] == Example(text="T2") and [e.prompt for e in got[1:]] == ["Q1", "P3"]
+    own = greedy_answers(base.model, base.tokenizer, ["Q1", "P3"], CONTINUATION_TOKENS)
+    assert [e.answer for e in got[1:]] == own  # the model's own greedy answers
+    assert len(list((tmp_path / "retain").glob("*.jsonl"))) == 1  # cached for the next request
 
 
 def test_a_small_retain_set_is_topped_up_with_generic_prompts(tmp_path):
