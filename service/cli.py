@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from service.commands.export import export as export_command
+from service.commands.forget import forget as forget_command
 from service.settings import ConfigError, Settings, check_data_dir, get_settings
 
 app = typer.Typer(help="Machine-unlearning service for language models.", no_args_is_help=True, add_completion=False)
@@ -237,23 +239,8 @@ def audit_checkpoint() -> None:
     print("empty chain" if signed is None else f"signed head seq {signed['seq']} {signed['row_hash']}")
 
 
-def _register_engine_commands() -> None:
-    """`unlearn forget` and `unlearn export` live beside the engine; register them when present."""
-    try:
-        from service.commands.forget import forget as forget_command
-
-        app.command("forget", help="Unlearn data from a model offline (no service needed).")(forget_command)
-    except ImportError:
-        pass
-    try:
-        from service.commands.export import export as export_command
-
-        app.command("export", help="Write a model version as a standard Hugging Face model directory.")(export_command)
-    except ImportError:
-        pass
-
-
-_register_engine_commands()
+app.command("forget", help="Unlearn data from a model offline (no service needed).")(forget_command)
+app.command("export", help="Write a model version as a standard Hugging Face model directory.")(export_command)
 
 
 def _register_bench_commands() -> None:

@@ -1,4 +1,4 @@
-"""`unlearn forget FILE`: unlearn examples from a model offline (no API, no database, no broker).
+"""`unlearn forget FILE` (or `--forget FILE`): unlearn examples from a model offline (no API, no database, no broker).
 
 Loads the model, trains one unlearning layer on FILE (JSONL lines {"text"} | {"prompt", "answer"} |
 {"question", "answer"}) against a retain set (--retain FILE, else the built-in generic prompts),
@@ -36,7 +36,10 @@ def sample_prompt(example) -> str:
 
 
 def forget(
-    forget: Annotated[Path, typer.Argument(help="JSONL of items to forget", exists=True, dir_okay=False)],
+    file: Annotated[Path | None, typer.Argument(help="JSONL of items to forget", exists=True, dir_okay=False,
+                                                show_default=False)] = None,
+    forget_file: Annotated[Path | None, typer.Option("--forget", help="the same, as an option", exists=True,
+                                                     dir_okay=False, show_default=False)] = None,
     model: Annotated[str, typer.Option(help="model name, HF dir or .gguf file")] = "smollm2-135m-instruct",
     retain: Annotated[Path | None, typer.Option(help="JSONL of items to keep (default: built-in set)")] = None,
     method: Annotated[str, typer.Option(help="eul | ga_kl | me_gd | idk_ap | npo")] = "eul",
@@ -52,6 +55,9 @@ def forget(
     from workers.engine.loading import load_base_model
     from workers.engine.retain import build_retain, greedy_answers
 
+    if (file is None) == (forget_file is None):
+        raise typer.BadParameter("give the JSONL of items to forget once: as FILE or as --forget FILE")
+    forget = file or forget_file
     if method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
     if layer not in ("bottleneck", "lora"):
