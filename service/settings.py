@@ -6,7 +6,6 @@ Bad values are refused at start with a message that names the variable (see `che
 from __future__ import annotations
 
 import json
-
 import os
 from functools import lru_cache
 from pathlib import Path

@@ -152,6 +152,15 @@ def test_corpus_prompts_without_answers_are_answered_by_the_model_once(tmp_path)
     assert len(list((tmp_path / "retain").glob("*.jsonl"))) == 1  # cached for the next request
 
 
+def test_corpus_prompts_are_not_answered_when_given_rows_fill_the_set(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "T1"}\n{"text": "T2"}\n{"question": "Q3"}\n')
+    base = tiny_base()
+    got = build_retain(None, corpus, base.model, base.tokenizer, tmp_path, n=2, model_key=base.source_sha256)
+    assert got == [Example(text="T1"), Example(text="T2")]
+    assert not (tmp_path / "retain").exists()
+
+
 def test_a_small_retain_set_is_topped_up_with_generic_prompts(tmp_path):
     base = tiny_base()
     got = build_retain(RETAIN, None, base.model, base.tokenizer, tmp_path, n=4, model_key=base.source_sha256)

@@ -142,7 +142,9 @@ def build_retain(
     if corpus_path is not None:
         given, prompts = read_corpus(corpus_path)
         examples += given[:n]
-        examples += own_answers(model, tokenizer, prompts[:n - len(given[:n])], cache, model_key) if prompts else []
+        room = n - len(given[:n])
+        if prompts and room > 0:  # no generation when the given rows already fill the set
+            examples += own_answers(model, tokenizer, prompts[:room], cache, model_key)
     missing = n - len(examples)
     if missing <= 0:
         return examples
