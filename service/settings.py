@@ -5,7 +5,6 @@ Bad values are refused at start with a message that names the variable (see `che
 
 from __future__ import annotations
 
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -72,13 +71,12 @@ class Settings(BaseSettings):
             return None
         if not value.is_file():
             raise ValueError(f"retain corpus {value} is not a readable file")
-        for number, line in enumerate(value.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                row = json.loads(line) if line.strip() else {"text": ""}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"retain corpus {value} line {number} is not JSON: {exc.msg}") from exc
-            if not isinstance(row, dict) or not {"text", "prompt", "question"} & set(row):
-                raise ValueError(f"retain corpus {value} line {number}: want text, or prompt/question (+ answer)")
+        from workers.engine.data import read_corpus  # stdlib-only module: no torch in the API process
+
+        try:
+            read_corpus(value)
+        except ValueError as exc:  # it names the line
+            raise ValueError(f"retain corpus {exc}") from exc
         return value
 
     # job execution

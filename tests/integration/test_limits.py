@@ -216,7 +216,7 @@ def test_bad_rate_setting_is_refused_at_start(make_settings):
         make_settings(rate_limit_requests="lots")
 
 
-@pytest.mark.parametrize("content", ['{"question": "Q"}\nnot json\n', '{"answer": "no prompt"}\n'])
+@pytest.mark.parametrize("content", ['{"question": "Q"}\nnot json\n', '{"answer": "no prompt"}\n', '["Q", "A"]\n'])
 def test_a_malformed_retain_corpus_is_refused_at_start_naming_the_line(make_settings, tmp_path, content):
     from pydantic import ValidationError
 

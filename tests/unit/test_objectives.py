@@ -212,6 +212,45 @@ def test_eul_never_makes_a_forget_token_the_base_already_finds_unlikely_likelier
     assert student.grad[0, 0, 1].item() >= 0  # no step toward the target token
 
 
+def shared_forget(shared: list[list[bool]]) -> Stream:
+    forget = stream(40, teacher_seed=41)
+    forget.shared = torch.tensor(shared)  # (B, T), aligned with LABELS
+    return forget
+
+
+def test_eul_weights_forget_tokens_shared_with_retain_answers_by_s():
+    """With shared_token = s the forget terms are weighted means: s on a token that also occurs in a
+    retain answer, 1 elsewhere. Here row 0's last token (position 2 predicts it) is shared."""
+    forget = shared_forget([[False, False, False, True], [False, False, False, False]])
+    retain = stream(42, teacher_seed=43)
+    w = EULWeights(kl_retain=0.0, kl_forget=0.0, lm_retain=0.0, lm_forget=1.0, nll_cap=50.0, pull_back=0.0,
+                   shared_token=0.25)
+    out = get_objective("eul")(ObjectiveInputs({FORGET: forget, RETAIN: retain}), w)
+    weights = [0.25 if (b, t) == (0, 2) else 1.0 for b, t, _ in SCORED]
+    nlls = [-log_softmax(forget.student[b, t])[y].item() for b, t, y in SCORED]
+    expected = -sum(x * c for x, c in zip(nlls, weights)) / sum(weights)
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_eul_does_not_push_a_shared_forget_token_when_s_is_zero():
+    forget = shared_forget([[False, False, False, True], [False, False, False, False]])
+    forget.student.requires_grad_(True)
+    retain = stream(42, teacher_seed=43)
+    w = EULWeights(kl_retain=0.0, lm_retain=0.0, nll_cap=50.0, kl_cap=50.0, shared_token=0.0)
+    get_objective("eul")(ObjectiveInputs({FORGET: forget, RETAIN: retain}), w).total.backward()
+    assert forget.student.grad[0, 2].abs().max().item() == 0.0  # predicts the shared token
+    assert forget.student.grad[0, 1].abs().max().item() > 0.0  # predicts a specific one
+
+
+def test_eul_without_shared_marks_weighs_every_forget_token_alike():
+    retain = stream(42, teacher_seed=43)
+    w = EULWeights(shared_token=0.0)
+    unmarked = get_objective("eul")(ObjectiveInputs({FORGET: stream(40, teacher_seed=41), RETAIN: retain}), w)
+    plain = get_objective("eul")(ObjectiveInputs({FORGET: stream(40, teacher_seed=41), RETAIN: retain}),
+                                 EULWeights())
+    assert unmarked.total.item() == pytest.approx(plain.total.item(), rel=1e-6)
+
+
 def test_ga_kl_matches_hand_computed_value():
     forget, mismatch, retain = stream(20), stream(21), stream(22, teacher_seed=23)
     w = GAKLWeights(forget=0.5, mismatch=1.0, kl_normal=2.0, nll_cap=float("inf"))

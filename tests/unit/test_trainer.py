@@ -15,7 +15,7 @@ from workers.engine.objectives import FORGET as FORGET_S
 from workers.engine.objectives import IGNORE_INDEX, ObjectiveInputs, Stream, get_objective
 from workers.engine.objectives import RETAIN as RETAIN_S
 from workers.engine.testing import tiny_model, tiny_tokenizer
-from workers.engine.trainer import Cancelled, Progress, forward_streams, train
+from workers.engine.trainer import Cancelled, Progress, answer_vocabulary, forward_streams, train
 
 FAMILIES = ["llama", "gpt2"]
 FORGET = [
@@ -224,4 +224,29 @@ def test_logits_are_trimmed_to_scored_positions_without_changing_the_loss():
     stream = Stream(full, batch["labels"], batch["attention_mask"], teacher)
     expected = objective(ObjectiveInputs({FORGET_S: stream, RETAIN_S: stream})).total
     assert objective(trimmed).total.item() == pytest.approx(expected.item(), rel=1e-5)
+    attached.detach()
+
+
+def test_answer_vocabulary_holds_the_scored_tokens_of_retain_answers_only():
+    tokenizer = tiny_tokenizer()
+    vocabulary = set(answer_vocabulary(tokenizer, [Example(prompt="Zebra question?", answer="Blue.")], 64).tolist())
+    (item,) = encode(tokenizer, [Example(prompt="Zebra question?", answer="Blue.")], 64)
+    assert vocabulary == {label for label in item["labels"] if label != IGNORE_INDEX}
+    assert not set(tokenizer("Zebra question?")["input_ids"]) <= vocabulary  # prompt tokens are not in it
+
+
+def test_forget_tokens_that_occur_in_retain_answers_are_marked_shared():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    attached = create_attached(model, SMALL_LAYER, seed=0)
+    forget = collate(encode(tokenizer, [Example(prompt="Q?", answer="Blue sky")], 64), pad_id(tokenizer))
+    retain = collate(encode(tokenizer, [Example(prompt="Q?", answer="Blue.")], 64), pad_id(tokenizer))
+    vocabulary = answer_vocabulary(tokenizer, [Example(prompt="Q?", answer="Blue.")], 64)
+    inputs = forward_streams(model, attached, get_objective("eul"), {FORGET_S: forget, RETAIN_S: retain},
+                             torch.device("cpu"), vocabulary)
+    stream = inputs[FORGET_S]
+    marked = {int(t) for t, s in zip(stream.labels[0], stream.shared[0]) if s}
+    blue = tokenizer("Blue", add_special_tokens=False)["input_ids"][0]
+    sky = tokenizer(" sky", add_special_tokens=False)["input_ids"][0]
+    assert blue in marked and sky not in marked
+    assert inputs[RETAIN_S].shared is None
     attached.detach()

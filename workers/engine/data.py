@@ -59,3 +59,25 @@ def parse_examples(rows: Iterable[dict[str, Any]]) -> list[Example]:
 def read_jsonl(path: str | Path) -> list[Example]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return parse_examples(json.loads(line) for line in lines if line.strip())
+
+
+def read_corpus(path: str | Path) -> tuple[list[Example], list[str]]:
+    """An operator retain corpus (JSON lines): examples as given, and bare prompts (rows with a prompt or
+    question and no answer) for the base model to answer itself. ValueError names the line that is wrong."""
+    given: list[Example] = []
+    prompts: list[str] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("want a JSON object")  # noqa: TRY004 (callers catch ValueError)
+            bare = row.get("prompt", row.get("question"))
+            if "answer" not in row and "text" not in row and isinstance(bare, str):
+                prompts.append(bare)
+            else:
+                given.append(parse_example(row))
+        except ValueError as exc:  # json.JSONDecodeError is one
+            raise ValueError(f"{path} line {number}: {exc}") from exc
+    return given, prompts

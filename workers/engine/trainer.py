@@ -126,8 +126,15 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def answer_vocabulary(tokenizer, examples: Sequence[Example], max_length: int) -> Tensor:
+    """Sorted ids of every token scored in `examples` (the answers of pairs, all of a free text)."""
+    ids = {label for item in encode(tokenizer, examples, max_length) for label in item["labels"] if label != IGNORE_INDEX}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective: Objective,
-                    batch: dict[str, dict[str, Tensor]], device: torch.device) -> ObjectiveInputs:
+                    batch: dict[str, dict[str, Tensor]], device: torch.device,
+                    retain_vocabulary: Tensor | None = None) -> ObjectiveInputs:
     """Student (and, where asked, teacher) logits of every stream's batch.
 
     Every objective reads only scored positions, so logits are computed from the first position that
@@ -148,7 +155,10 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
                 with attached.disabled(), torch.no_grad():
                     teacher = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
         labels = tensors["labels"][:, start:].to(device)  # (B, T'), aligned with the kept logits
-        streams[name] = Stream(student, labels, attention_mask[:, start:], teacher)
+        shared = None
+        if name == FORGET and retain_vocabulary is not None:
+            shared = torch.isin(labels, retain_vocabulary.to(device))  # (B, T')
+        streams[name] = Stream(student, labels, attention_mask[:, start:], teacher, shared)
     return ObjectiveInputs(streams)
 
 
@@ -171,7 +181,9 @@ def train(
     weights = objective.weights(cfg.objective)
     device = model_device(model)
     params = attached.trainable_parameters()
-    streams = stream_batches(tokenizer, stream_examples(objective, forget, retain, cfg.seed), cfg)
+    examples = stream_examples(objective, forget, retain, cfg.seed)
+    streams = stream_batches(tokenizer, examples, cfg)
+    retain_vocabulary = answer_vocabulary(tokenizer, examples[RETAIN], cfg.max_length) if RETAIN in examples else None
 
     result = TrainResult(losses=[], steps=0, seconds=0.0)
     started = time.perf_counter()
@@ -182,7 +194,7 @@ def train(
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled before step {step} of {cfg.steps}")
             batch = {name: next(iterator) for name, iterator in streams.items()}
-            out = objective(forward_streams(model, attached, objective, batch, device), weights)
+            out = objective(forward_streams(model, attached, objective, batch, device, retain_vocabulary), weights)
             loss = float(out.total.detach().float())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{cfg.method} loss is {loss} at step {step}; terms {out.terms}")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,6 +36,7 @@ class Stream:
     labels: Tensor  # (B, T), IGNORE_INDEX where not scored
     attention_mask: Tensor  # (B, T), 1 on real tokens
     teacher: Tensor | None = None  # (B, T, V), no grad
+    shared: Tensor | None = None  # (B, T) bool: the label token also occurs in a retain answer (forget stream)
 
 
 @dataclass
@@ -98,6 +100,17 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of `values` where mask is true; 0 (not NaN) when nothing is scored."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def specificity_weights(stream: Stream, shared_weight: float) -> Tensor:
+    """Per-token weights aligned with token_nll's output, (B, T-1): shared_weight where the target token
+    also occurs in a retain answer (generic wording such as "The ... is located in"), 1 elsewhere."""
+    _, targets = shift(stream.student, stream.labels)
+    mask = scored_mask(targets).float()
+    if stream.shared is None or shared_weight == 1.0:
+        return mask
+    shared = stream.shared[:, 1:].to(mask.device)
+    return mask * torch.where(shared, shared_weight, 1.0)
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

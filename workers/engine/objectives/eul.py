@@ -1,13 +1,14 @@
 """EUL objective: Chen & Yang 2023, "Unlearn What You Want to Forget: Efficient Unlearning for LLMs"
-(arXiv 2310.20150), section 3.2, with the two negated terms bounded.
+(arXiv 2310.20150), section 3.2, with the two negated terms bounded and weighted by specificity.
 
 Paper:  L_EUL = L_KL + lambda * L_TASK - gamma * L_LM, where
         L_KL   = sum_retain KL(F(x) || F'(x)) - sum_forget KL(F(x) || F'(x))   (F frozen teacher, F' student)
         L_TASK = task loss on retain,   L_LM = language-model loss on forget.
 
-Here:   L = a * KL_r - b * mean_t min(KL_f,t, kl_cap) + c * NLL_r - d * mean_t min(NLL_f,t, n_t)
-            + p * (b * mean_t relu(KL_f,t - kl_cap) + d * mean_t relu(NLL_f,t - n_t)),
+Here:   L = a * KL_r - b * <min(KL_f,t, kl_cap)>_w + c * NLL_r - d * <min(NLL_f,t, n_t)>_w
+            + p * (b * <relu(KL_f,t - kl_cap)>_w + d * <relu(NLL_f,t - n_t)>_w),
         n_t = max(nll_cap, NLL_teacher,t)   (a token the base already finds unlikely is left alone)
+        <x_t>_w = sum_t w_t x_t / sum_t w_t,  w_t = s if forget token t also occurs in a retain answer, else 1
 
 Every term is a mean over scored tokens (answers of pairs, all of a free text). The negated forget
 terms are bounded: a forget token stops being pushed once its NLL (or KL to the teacher) reached the
@@ -34,6 +35,22 @@ fictitious-author answers 2.19. Without the pull-back, forget tokens overshoot f
 similar facts go with them; with it the forget set lands at the "never knew it" level. Forgetting
 and collateral damage trade at roughly 4-7 to 1 with a retain set that resembles the forget data and
 much worse without one: configure an operator retain corpus (Settings.retain_corpus).
+
+Specificity weight s (shared_token): a forget answer restates its question in generic wording ("The
+Eiffel Tower is located in Paris, France."); pushing "The", "is located in" as hard as "Eiffel Tower
+Paris" teaches the model to avoid that wording everywhere, and facts phrased the same way go with it.
+The trainer marks forget tokens that also occur in a retain answer; they count s. Measured through
+train_request + fuse + served_model on SmolLM2-135M (forget the Eiffel Tower fact, 40 steps, retain = 24 world-fact questions
+the model answers itself + 8 generic; kept = the 36 other world facts it answered before, greedy):
+
+    s     forget answer still given   kept (first 10)   kept (all 36)
+    1.0             no                       7                30
+    0.2             no                      10                31     <- default
+    0.0             no                       9                31     (forget NLL 1.22 vs 2.34 at s=0.2)
+
+The gain is real but concentrated: over all 36 facts it is one fact, and which facts are lost shifts
+with the setting (the Red Planet, the Grand Canyon, the Olympic Games' city: each drifts into a
+rambling answer, "The Red Planet is actually a planet in the habitable zone ...").
 """
 
 from __future__ import annotations
@@ -54,6 +71,7 @@ from .base import (
     mean_kl,
     mean_nll,
     scalar,
+    specificity_weights,
     token_kl,
     token_nll,
 )
@@ -68,6 +86,7 @@ class EULWeights:
     kl_cap: float = 3.0  # nats per token
     nll_cap: float = 3.0  # nats per token
     pull_back: float = 1.0  # p: weight of the overshoot terms that draw forget tokens back to the caps
+    shared_token: float = 0.2  # s: weight of a forget token that also occurs in a retain answer
 
 
 @torch.no_grad()
@@ -85,9 +104,11 @@ def eul_loss(inputs: ObjectiveInputs, w: EULWeights) -> LossOutput:
 
     kl_retain = mean_kl(retain.teacher, retain.student, retain.labels)
     kl_f, kl_mask = token_kl(forget.teacher, forget.student, forget.labels)
+    kl_mask = specificity_weights(forget, w.shared_token)  # (B, T-1) float: 0 unscored, s shared, 1 else
     kl_forget = masked_mean(capped(kl_f, w.kl_cap), kl_mask)
     lm_retain = mean_nll(retain.student, retain.labels)
-    nll_f, nll_mask = token_nll(forget.student, forget.labels)
+    nll_f, _ = token_nll(forget.student, forget.labels)
+    nll_mask = kl_mask
     nll_cap = nll_ceiling(forget.teacher, forget.labels, w.nll_cap)  # (B, T-1)
     # where, not min/clamp: at a tie (every token the base finds unlikely, at step 0) both have gradient 0
     lm_forget = masked_mean(torch.where(nll_f < nll_cap, nll_f, nll_cap), nll_mask)
