@@ -40,17 +40,25 @@ Specificity weight s (shared_token): a forget answer restates its question in ge
 Eiffel Tower is located in Paris, France."); pushing "The", "is located in" as hard as "Eiffel Tower
 Paris" teaches the model to avoid that wording everywhere, and facts phrased the same way go with it.
 The trainer marks forget tokens that also occur in a retain answer; they count s. Measured through
-train_request + fuse + served_model on SmolLM2-135M (forget the Eiffel Tower fact, 40 steps, retain = 24 world-fact questions
-the model answers itself + 8 generic; kept = the 36 other world facts it answered before, greedy):
+train_request + fuse + served_model on SmolLM2-135M (forget one world fact, 40 steps, retain = 24
+world-fact questions the model answers itself + 8 generic; kept = of the 36 other world facts it
+answered before, how many it still answers, greedy, one prompt at a time):
 
-    s     forget answer still given   kept (first 10)   kept (all 36)
-    1.0             no                       7                30
-    0.2             no                      10                31     <- default
-    0.0             no                       9                31     (forget NLL 1.22 vs 2.34 at s=0.2)
+    target      s     forget answer still given   kept (first 10)   kept (all 36)
+    Eiffel     1.0             no                       7                30
+    Eiffel     0.2             no                      10                31     <- default
+    Eiffel     0.0             no                       9                31     (forget NLL 1.22 vs 2.34 at 0.2)
+    Colosseum  1.0             no                       9                31
+    Colosseum  0.2             no                       8                31
 
-The gain is real but concentrated: over all 36 facts it is one fact, and which facts are lost shifts
-with the setting (the Red Planet, the Grand Canyon, the Olympic Games' city: each drifts into a
-rambling answer, "The Red Planet is actually a planet in the habitable zone ...").
+A small gain, not a cure: over all 36 facts it is one fact for one target and none for the other, and
+which facts are lost shifts with the setting (the Red Planet, the Olympic Games' city, the Sistine
+Chapel: each drifts into a rambling answer, "The Red Planet is actually a planet in the habitable
+zone ..."). It stays the default because both targets were forgotten and at least as many of the 36
+were kept. Tried and not adopted (Eiffel): kl_retain 8 (kept 28 of the first 30 other facts, 8 of the
+first 10, batched evaluation), and a retain Gram term in the fusion regression (the fused layer pulled
+toward zero output on retain inputs, s = 0.2): kept 31 -> 33 -> 35 of 36 as its weight grew, but the
+forget NLL fell with it (2.34 -> 1.68 -> 1.25) and at the strongest setting the answer came back.
 """
 
 from __future__ import annotations
