@@ -97,7 +97,7 @@ def scored_mask(labels: Tensor) -> Tensor:
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` where mask is true; 0 (not NaN) when nothing is scored."""
+    """Mean of `values` where mask is true (a float mask weighs each value); 0 (not NaN) when nothing is scored."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 

@@ -114,17 +114,16 @@ def eul_loss(inputs: ObjectiveInputs, w: EULWeights) -> LossOutput:
     forget, retain = inputs[FORGET], inputs[RETAIN]
 
     kl_retain = mean_kl(retain.teacher, retain.student, retain.labels)
-    kl_f, kl_mask = token_kl(forget.teacher, forget.student, forget.labels)
-    kl_mask = specificity_weights(forget, w.shared_token)  # (B, T-1) float: 0 unscored, s shared, 1 else
-    kl_forget = masked_mean(capped(kl_f, w.kl_cap), kl_mask)
+    kl_f, _ = token_kl(forget.teacher, forget.student, forget.labels)
+    token_w = specificity_weights(forget, w.shared_token)  # (B, T-1): 0 unscored, s shared, 1 else
+    kl_forget = masked_mean(capped(kl_f, w.kl_cap), token_w)
     lm_retain = mean_nll(retain.student, retain.labels)
     nll_f, _ = token_nll(forget.student, forget.labels)
-    nll_mask = kl_mask
     nll_cap = nll_ceiling(forget.teacher, forget.labels, w.nll_cap)  # (B, T-1)
     # where, not min/clamp: at a tie (every token the base finds unlikely, at step 0) both have gradient 0
-    lm_forget = masked_mean(torch.where(nll_f < nll_cap, nll_f, nll_cap), nll_mask)
-    nll_over = masked_mean(torch.where(nll_f > nll_cap, nll_f - nll_cap, 0.0), nll_mask)
-    kl_over = masked_mean((kl_f - w.kl_cap).clamp_min(0.0), kl_mask)
+    lm_forget = masked_mean(torch.where(nll_f < nll_cap, nll_f, nll_cap), token_w)
+    nll_over = masked_mean(torch.where(nll_f > nll_cap, nll_f - nll_cap, 0.0), token_w)
+    kl_over = masked_mean((kl_f - w.kl_cap).clamp_min(0.0), token_w)
 
     total = w.kl_retain * kl_retain - w.kl_forget * kl_forget + w.lm_retain * lm_retain - w.lm_forget * lm_forget
     if w.pull_back:
@@ -133,9 +132,9 @@ def eul_loss(inputs: ObjectiveInputs, w: EULWeights) -> LossOutput:
         total,
         {
             "kl_retain": scalar(kl_retain),
-            "kl_forget": scalar(masked_mean(kl_f, kl_mask)),  # uncapped: how far the forget set moved
+            "kl_forget": scalar(masked_mean(kl_f, token_w)),  # uncapped: how far the forget set moved
             "nll_retain": scalar(lm_retain),
-            "nll_forget": scalar(masked_mean(nll_f, nll_mask)),
+            "nll_forget": scalar(masked_mean(nll_f, token_w)),
         },
     )
 
