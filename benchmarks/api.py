@@ -79,8 +79,10 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float, log: Path) ->
 
 
 def create_key(data_dir: Path, opts: ApiOptions) -> str:
-    out = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--role", "requester", "--tenant", "bench"],
-                         env=server_env(data_dir, opts), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "keys", "create", "--role", "requester", "--tenant", "bench"],
+        env=server_env(data_dir, opts), capture_output=True, text=True, check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -168,11 +170,13 @@ def build_report(opts: ApiOptions, samples: Samples) -> Report:
                    "wall_s": samples.wall_s, "post_p99_ms": p99,
                    "statuses": samples.statuses, "first_error": samples.first_error}
     report.add("Setup", __doc__.split("\n\n", 1)[1].strip() +
-               f"\n\n{opts.clients} clients, at most {opts.requests} POSTs or {opts.duration:.0f} s; model {opts.model}; "
+               f"\n\n{opts.clients} clients, at most {opts.requests} POSTs or {opts.duration:.0f} s; "
+               f"model {opts.model}; "
                f"submit rate limit {opts.rate_limit}.")
     report.add("Results", markdown_table(["endpoint", "count", "p50 ms", "p95 ms", "p99 ms", "max ms", "per s"], rows)
                + f"\n\nTotal {ops} requests in {samples.wall_s:.1f} s ({ops / samples.wall_s:.0f}/s), "
                f"{samples.errors} errors (status counts {samples.statuses}"
-               + (f"; first error body: `{samples.first_error}`" if samples.first_error else "") + f"). POST p99 {p99:.1f} ms (target <= {TARGET_POST_P99_MS:.0f} ms: "
+               + (f"; first error body: `{samples.first_error}`" if samples.first_error else "")
+               + f"). POST p99 {p99:.1f} ms (target <= {TARGET_POST_P99_MS:.0f} ms: "
                f"{'met' if p99 <= TARGET_POST_P99_MS else 'NOT met'}).")
     return report

@@ -24,7 +24,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def models_dir(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return cache_dir
-    from service.settings import Settings
+    from service.domain.settings import Settings
 
     return Settings().models_dir
 
@@ -53,7 +53,9 @@ def execute(run: Callable[..., Report], options, out: Path, threads: int = 0) ->
 def tofu(
     authors: Annotated[int, typer.Option(help="whole TOFU authors in the fine-tune (20 QA each)")] = 4,
     forget_authors: Annotated[int, typer.Option(help="of which this many are forgotten")] = 1,
-    methods: Annotated[str, typer.Option(help="comma list: eul,eul_seq,ga_kl,me_gd,idk_ap,npo")] = "eul,eul_seq,ga_kl,me_gd,idk_ap,npo",
+    methods: Annotated[
+        str, typer.Option(help="comma list: eul,eul_seq,ga_kl,me_gd,idk_ap,npo")
+    ] = "eul,eul_seq,ga_kl,me_gd,idk_ap,npo",
     layers: Annotated[str, typer.Option(help="layer kinds for eul (others use the first)")] = "bottleneck,lora",
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 20,
     lr: Annotated[float, typer.Option(help="unlearning learning rate")] = 1e-3,

@@ -132,7 +132,8 @@ def run_fusion(opts: FusionOptions, bar, out_dir: Path) -> Report:
             sizes = {r["fused_bytes"] for r in results}
             verdicts.append(f"- {kind}: request {last} / request 2 = {ratio:.2f}x (target <= 1.2x: "
                             f"{'met' if ratio <= 1.2 else 'NOT met'}); fused size "
-                            f"{'constant' if len(sizes) == 1 else 'varies'} at {results[0]['fused_bytes'] / 2**20:.2f} MiB")
+                            f"{'constant' if len(sizes) == 1 else 'varies'} at "
+                            f"{results[0]['fused_bytes'] / 2**20:.2f} MiB")
     report.data = per_kind
     report.add("Setup", __doc__.split("\n\n", 1)[1].strip() + f"\n\nSynthetic Grams from {opts.tokens} token rows; "
                f"median of {opts.repeats} fuses per point; CPU, float64 solve.")

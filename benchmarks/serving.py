@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from service.serving.generation import Decoder, SamplingParams, chat_prompt_ids, sample_next
+from service.api.serving.generation import Decoder, SamplingParams, chat_prompt_ids, sample_next
 from workers.engine.config import LayerConfig
-from workers.engine.export import build_serving_model
 from workers.engine.loading import load_base_model
+from workers.engine.versions import build_serving_model
 
 from .common import Report, markdown_table
 from .serving_decode import PROMPT, random_maps

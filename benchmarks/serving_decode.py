@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from service.serving.generation import Decoder, SamplingParams, chat_prompt_ids, sample_next
+from service.api.serving.generation import Decoder, SamplingParams, chat_prompt_ids, sample_next
 from workers.engine.config import LayerConfig
-from workers.engine.export import build_serving_model
 from workers.engine.layers import create_attached
 from workers.engine.loading import DEFAULT_MODEL, load_base_model
+from workers.engine.versions import build_serving_model
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 

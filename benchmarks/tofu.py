@@ -104,7 +104,8 @@ def run_tofu(opts: TofuOptions, bar, out_dir: Path) -> Report:
     def ft_step(step, total, loss):
         bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
 
-    target, target_ft = finetuned_model(opts.model, opts.cache_dir, "target", all_items, opts.finetune, opts.device, ft_step)
+    target, target_ft = finetuned_model(opts.model, opts.cache_dir, "target", all_items, opts.finetune, opts.device,
+                                        ft_step)
     bar.update(task, description="fine-tune retain model", completed=0)
     retain_model, retain_ft = finetuned_model(opts.model, opts.cache_dir, "retain", examples(subset.retain),
                                               opts.finetune, opts.device, ft_step)
@@ -145,7 +146,8 @@ def run_sequential(target, subset: TofuSubset, layer: str, opts: TofuOptions, re
         for j, author_scores in enumerate(scores.forget, start=1):
             gold = retain_scores.forget[j - 1].ratios
             curve.append({"requests": k, "author": j, "forget_rouge": author_scores.rouge_l,
-                          "forget_prob": author_scores.prob, "forget_quality": forget_quality(author_scores.ratios, gold),
+                          "forget_prob": author_scores.prob,
+                          "forget_quality": forget_quality(author_scores.ratios, gold),
                           "utility": scores.utility})
     return Row("eul_seq", layer, scores, seconds), curve
 
@@ -198,7 +200,8 @@ def setup_text(opts: TofuOptions, subset: TofuSubset) -> str:
     return (f"- data: {opts.data_dir} (TOFU, forget10 task 1 + retain_perturbed): {opts.authors} whole authors, "
             f"{len(subset.forget)} forget QA ({opts.forget_authors} authors), {len(subset.retain)} retain QA; "
             f"{len(subset.real_authors)} real-author and {len(subset.world_facts)} world-fact items for utility\n"
-            f"- fine-tunes (target, retain model): full weights, {ft.epochs} epochs, lr {ft.lr}, batch {ft.batch_size}\n"
+            f"- fine-tunes (target, retain model): full weights, {ft.epochs} epochs, lr {ft.lr}, "
+            f"batch {ft.batch_size}\n"
             f"- unlearning: {opts.steps} steps, lr {opts.lr}, batch 4, one request fused in closed form "
             f"(eul_seq: one request per forget author, fused in turn); layers {', '.join(opts.layers)}\n"
             f"- methods: {', '.join(opts.methods)}; device {opts.device}")

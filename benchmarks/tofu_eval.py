@@ -51,7 +51,9 @@ def answer_probs(model, tokenizer, items: Sequence[EvalItem], relative: bool, ba
     probs = []
     for item in items:
         answers = [item.answer or ""] + (list(item.perturbed_answers) if relative else [])
-        scores = score_encodings(model, [encode_pair(tokenizer, item.prompt or "", a) for a in answers], pad, batch_size)
+        scores = score_encodings(
+            model, [encode_pair(tokenizer, item.prompt or "", a) for a in answers], pad, batch_size
+        )
         values = [math.exp(-s.nll) for s in scores]
         probs.append(values[0] / sum(values) if relative else values[0])
     return probs
@@ -80,7 +82,9 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 def model_utility(scores: dict[str, SetScores]) -> float:
-    return harmonic_mean([v for name in UTILITY_SETS for v in (scores[name].prob, scores[name].rouge_l, scores[name].truth)])
+    return harmonic_mean(
+        [v for name in UTILITY_SETS for v in (scores[name].prob, scores[name].rouge_l, scores[name].truth)]
+    )
 
 
 def forget_quality(ratios: Sequence[float], retain_model_ratios: Sequence[float]) -> float:

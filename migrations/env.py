@@ -1,12 +1,11 @@
-"""Alembic environment: the URL comes from the caller's Config (service.db.migrate) or UNLEARN_* settings."""
+"""Alembic environment: the URL comes from the caller's Config (service.domain.db.migrate) or UNLEARN_* settings."""
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
-from service.db.models import Base
-from service.db.session import get_engine
+from service.domain.db.models import Base
+from service.domain.db.session import get_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -16,7 +15,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from service.settings import get_settings
+    from service.domain.settings import get_settings
 
     return get_settings().db_url
 

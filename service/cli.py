@@ -6,15 +6,17 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from service.commands.export import export as export_command
 from service.commands.forget import forget as forget_command
-from service.settings import ConfigError, Settings, check_data_dir, get_settings
+from service.domain.processes import die_with_parent, stop_process
+from service.domain.settings import ConfigError, Settings, check_data_dir, get_settings
 
 app = typer.Typer(help="Machine-unlearning service for language models.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -38,13 +40,14 @@ def _settings() -> Settings:
 
 
 def _migrate(settings: Settings) -> None:
-    from service.db.migrate import upgrade
-    from service.db.session import ping
+    from service.domain.db.migrate import upgrade
+    from service.domain.db.session import ping
 
     try:
         ping(settings.db_url)
     except Exception as exc:
-        raise ConfigError(f"database {settings.db_url.split('@')[-1]} is not reachable: {type(exc).__name__}: {exc}") from exc
+        where = settings.db_url.split("@")[-1]
+        raise ConfigError(f"database {where} is not reachable: {type(exc).__name__}: {exc}") from exc
     upgrade(settings.db_url)
 
 
@@ -67,51 +70,80 @@ def serve(
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not start a worker process")] = False,
 ) -> None:
     """Start everything on one machine: embedded Redis (unless UNLEARN_REDIS_URL), migrations, one worker, the API."""
-    import uvicorn
-
-    from service.app import create_app
-    from service.broker import EmbeddedRedis, check_redis
-    from service.logging import configure_logging
-    from service.settings import reset_settings_cache
+    from service.domain.broker import check_redis
 
     settings = _settings()
-    embedded = None
-    worker = None
+    _sigterm_as_sigint()
     try:
-        if settings.redis_url is None:
-            embedded = EmbeddedRedis(settings.data_dir)
-            os.environ["UNLEARN_REDIS_URL"] = embedded.start()
-            reset_settings_cache()
-            settings = get_settings()
-        check_redis(settings.redis_url or "")
-        _migrate(settings)
-        _bootstrap_admin(settings)
-        if not no_worker:
-            worker = subprocess.Popen([sys.executable, "-m", "service", "worker"], env=dict(os.environ))
-        configure_logging()
-        console.print(f"[green]unlearn[/green] API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
-        console.print(f"data dir {settings.data_dir}; database {settings.db_url.split('@')[-1]}; broker {settings.redis_url}")
-        console.print("create a key:  unlearn keys create --role requester --tenant acme")
-        uvicorn.run(create_app(settings, serve_model=True), host=host, port=port, log_level="info")
+        with ExitStack() as children:  # unwound last in, first out: the worker stops before its broker
+            settings = _start_embedded_redis(settings, children)
+            check_redis(settings.redis_url or "")
+            _migrate(settings)
+            _bootstrap_admin(settings)
+            if not no_worker:
+                children.callback(stop_process, _start_worker(), timeout=30)
+            _run_api(settings, host, port)
     except ConfigError as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        if embedded is not None:
-            embedded.stop()
+
+
+def _sigterm_as_sigint() -> None:
+    """Make SIGTERM (how systemd, Docker and Kubernetes stop a service) raise KeyboardInterrupt, as SIGINT does.
+
+    uvicorn.run handles both signals itself: it shuts the API down, restores the previous handlers and then
+    re-raises the signal. A re-raised SIGINT is a KeyboardInterrupt, which uvicorn.run swallows, so serve
+    goes on to stop what it started; a re-raised SIGTERM met the default action and killed the process on
+    the spot, leaving the worker and the embedded redis-server running. Now both take SIGINT's path, also
+    while serve is still starting (Redis, migrations)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _start_embedded_redis(settings: Settings, children: ExitStack) -> Settings:
+    """Without UNLEARN_REDIS_URL: start the embedded Redis, stopped when `children` unwinds, and hand its URL
+    to this process's settings and, through the environment, to the worker.
+
+    Only the embedded Redis locks the data dir (a second serve there exits 2): with UNLEARN_REDIS_URL several
+    `serve --no-worker` share one data dir by design (README, "Scaling out")."""
+    if settings.redis_url is not None:
+        return settings
+    from service.domain.broker import EmbeddedRedis
+    from service.domain.settings import reset_settings_cache
+
+    embedded = EmbeddedRedis(settings.data_dir)
+    children.callback(embedded.stop)
+    os.environ["UNLEARN_REDIS_URL"] = embedded.start()
+    reset_settings_cache()
+    return get_settings()
+
+
+def _start_worker() -> subprocess.Popen[bytes]:
+    """`unlearn worker` as a child that the kernel sends SIGTERM if serve dies without stopping it: a Celery
+    warm shutdown, which stops its pool children too (Celery gives those PDEATHSIG=SIGKILL itself)."""
+    return subprocess.Popen([sys.executable, "-m", "service", "worker"], env=dict(os.environ),
+                            preexec_fn=die_with_parent())
+
+
+def _run_api(settings: Settings, host: str, port: int) -> None:
+    """Serve the API until SIGINT or SIGTERM (in the main thread: the children's PDEATHSIG is tied to it)."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.domain.logging import configure_logging
+
+    configure_logging()
+    console.print(f"[green]unlearn[/green] API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    database = settings.db_url.split("@")[-1]
+    console.print(f"data dir {settings.data_dir}; database {database}; broker {settings.redis_url}")
+    console.print("create a key:  unlearn keys create --role requester --tenant acme")
+    uvicorn.run(create_app(settings, serve_model=True), host=host, port=port, log_level="info")
 
 
 def _bootstrap_admin(settings: Settings) -> None:
     if not settings.admin_key:
         return
-    from service.db.session import session_scope
-    from service.repositories import api_keys
+    from service.domain.db.session import session_scope
+    from service.domain.repositories import api_keys
 
     with session_scope(settings.db_url) as session:
         api_keys.import_key(session, settings.admin_key, role="admin", tenant="*", name="bootstrap (UNLEARN_ADMIN_KEY)")
@@ -125,7 +157,7 @@ def worker(
 ) -> None:
     """Run a Celery worker (prefork, a fresh child per job so GPU memory is returned after each)."""
     settings = _settings()
-    from service.broker import configured_redis_url
+    from service.domain.broker import configured_redis_url
 
     if configured_redis_url(settings) is None:
         console.print("[red]no broker:[/red] set UNLEARN_REDIS_URL or start `unlearn serve` first")
@@ -143,11 +175,11 @@ def worker(
 def keys_create(
     role: Annotated[str, typer.Option(help="admin | requester | auditor | inference")],
     tenant: Annotated[str, typer.Option(help="tenant the key belongs to")],
-    name: Optional[str] = None,
+    name: str | None = None,
 ) -> None:
     """Create an API key. The key is printed once, as the last line of output."""
-    from service.db.session import session_scope
-    from service.repositories import api_keys, audit
+    from service.domain.db.session import session_scope
+    from service.domain.repositories import api_keys, audit
 
     settings = _settings()
     _migrate(settings)
@@ -156,7 +188,8 @@ def keys_create(
         raise typer.Exit(2)
     with session_scope(settings.db_url) as session:
         key, plaintext = api_keys.create_key(session, role, tenant, name)
-        audit.append_event(session, "key.created", {"key_id": key.id, "role": role, "tenant": tenant, "name": name}, tenant=tenant)
+        created = {"key_id": key.id, "role": role, "tenant": tenant, "name": name}
+        audit.append_event(session, "key.created", created, tenant=tenant)
         session.commit()
     console.print(f"created {role} key {key.id} for tenant {tenant} (store it now: it is not shown again)")
     print(plaintext)
@@ -165,8 +198,8 @@ def keys_create(
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="key id or its public prefix")]) -> None:
     """Revoke a key at once (rotation: create the new key, switch clients, revoke the old one)."""
-    from service.db.session import session_scope
-    from service.repositories import api_keys, audit
+    from service.domain.db.session import session_scope
+    from service.domain.repositories import api_keys, audit
 
     settings = _settings()
     with session_scope(settings.db_url) as session:
@@ -183,8 +216,8 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="key id or its public
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (never their secrets)."""
-    from service.db.session import session_scope
-    from service.repositories import api_keys
+    from service.domain.db.session import session_scope
+    from service.domain.repositories import api_keys
 
     settings = _settings()
     with session_scope(settings.db_url) as session:
@@ -196,8 +229,8 @@ def keys_list() -> None:
 @audit_app.command("export")
 def audit_export(out: Annotated[Path, typer.Option("--out", help="JSONL file to write")]) -> None:
     """Export events, signed checkpoints and the public key for offline verification."""
-    from service.audit.service import checkpoint_now, export_jsonl
-    from service.db.session import session_scope
+    from service.domain.audit.service import checkpoint_now, export_jsonl
+    from service.domain.db.session import session_scope
 
     settings = _settings()
     with session_scope(settings.db_url) as session:
@@ -210,13 +243,13 @@ def audit_export(out: Annotated[Path, typer.Option("--out", help="JSONL file to 
 @audit_app.command("verify")
 def audit_verify(
     file: Annotated[Path, typer.Argument(help="an export written by `unlearn audit export`")],
-    public_key: Annotated[Optional[str], typer.Option(help="pin the operator's Ed25519 public key (base64)")] = None,
+    public_key: Annotated[str | None, typer.Option(help="pin the operator's Ed25519 public key (base64)")] = None,
 ) -> None:
     """Verify an export offline (no database): exit 0 and the head when intact, 1 and the first bad seq if not.
 
     Without --public-key the key in the export's header is used: that proves integrity since the export,
     pin the operator's published key to also rule out a re-signed forgery."""
-    from service.audit.offline import verify_export
+    from service.domain.audit.offline import verify_export
 
     result = verify_export(file, public_key)
     if result.valid:
@@ -229,8 +262,8 @@ def audit_verify(
 @audit_app.command("checkpoint")
 def audit_checkpoint() -> None:
     """Sign the current head of the chain now."""
-    from service.audit.service import checkpoint_now
-    from service.db.session import session_scope
+    from service.domain.audit.service import checkpoint_now
+    from service.domain.db.session import session_scope
 
     settings = _settings()
     with session_scope(settings.db_url) as session:

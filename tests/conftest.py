@@ -52,8 +52,8 @@ def _drop_postgres_database(name: str) -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database built by Alembic migrations (never create_all), on SQLite and on PostgreSQL."""
-    from service.db.migrate import upgrade
-    from service.db.session import get_engine
+    from service.domain.db.migrate import upgrade
+    from service.domain.db.session import get_engine
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'unlearn.db'}"
@@ -73,7 +73,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    from service.db.migrate import upgrade
+    from service.domain.db.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'unlearn.db'}"
     upgrade(url)
@@ -97,7 +97,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     except redis.exceptions.RedisError as exc:
         if IN_CI:
             missing_service("Redis on 127.0.0.1:6379", exc)
-    from service.broker import EmbeddedRedis
+    from service.domain.broker import EmbeddedRedis
 
     embedded = EmbeddedRedis(tmp_path / "redis-data")
     yield embedded.start()
@@ -110,7 +110,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Build Settings for a test and export them as UNLEARN_* so child processes see the same."""
-    from service.settings import Settings, reset_settings_cache
+    from service.domain.settings import Settings, reset_settings_cache
 
     def build(**overrides: object) -> Settings:
         values = {"data_dir": tmp_path / "data", "model": "tiny-random-llama", "device": "cpu", **overrides}
@@ -129,7 +129,7 @@ def api(make_settings, db_url: str, redis_url: str):
     """A TestClient on the real app, real database and real Redis."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     settings = make_settings(database_url=db_url, redis_url=redis_url)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
@@ -139,8 +139,8 @@ def api(make_settings, db_url: str, redis_url: str):
 
 @pytest.fixture
 def make_key(api):
-    from service.db.session import session_scope
-    from service.repositories import api_keys
+    from service.domain.db.session import session_scope
+    from service.domain.repositories import api_keys
 
     def create(role: str = "requester", tenant: str = "acme") -> dict[str, str]:
         with session_scope(api.settings.db_url) as session:

@@ -10,9 +10,9 @@ from functools import cached_property
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from service.audit.digest import load_or_create_hmac_key
-from service.db.session import get_sessionmaker
-from service.settings import Settings, get_settings
+from service.domain.audit.digest import load_or_create_hmac_key
+from service.domain.db.session import get_sessionmaker
+from service.domain.settings import Settings, get_settings
 
 
 @dataclass
@@ -33,13 +33,13 @@ class WorkerContext:
         return load_or_create_hmac_key(self.settings.data_dir, self.settings.hmac_key)
 
     @cached_property
-    def store(self):  # noqa: ANN201
+    def store(self):
         from workers.engine.store import ModelStore
 
         return ModelStore(self.settings.store_dir)
 
     @cached_property
-    def base(self):  # noqa: ANN201
+    def base(self):
         """The frozen base model, loaded inside the task (CUDA is first touched here, never in the parent)."""
         from workers.engine.loading import load_base_model
 

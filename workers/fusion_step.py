@@ -1,25 +1,61 @@
 """Task step 2 (the single fusion consumer): fuse the staged layer with every earlier request's by EUL's
-closed-form regression, verify before vs after, and publish version N+1 atomically, or fail cleanly."""
+closed-form regression, verify before vs after, and publish version N+1 atomically, or fail cleanly.
+
+    lease (db) -> FusionJob -> [heartbeat] fuse + verify -> Candidate -> publish files, then db + audit"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
+from sqlalchemy.orm import Session
 
-from service import lifecycle
-from service.db.models import ModelVersion, utcnow
-from service.db.session import write_lock
-from service.repositories import audit, deletion_requests, jobs, model_versions
-from service.serving_events import announce_version
+from service.domain import job_states
+from service.domain.db.models import ModelVersion
+from service.domain.db.session import write_lock
+from service.domain.events import announce_version
+from service.domain.repositories import audit, deletion_requests, jobs, model_versions
 from workers.context import WorkerContext
+from workers.endings import cancel, fail
+from workers.engine.config import LayerConfig
 from workers.progress import LeaseHeartbeat
 from workers.settings_map import fusion_config, layer_config
-from workers.training import _end_cancelled, _fail
 
 log = structlog.get_logger("unlearn.worker")
+
+
+@dataclass(frozen=True)
+class FusionJob:
+    """What the fusion step read about its job under the lease, before the long, db-free part."""
+
+    job_id: str
+    request_id: str
+    tenant: str
+    params: dict[str, Any]
+    forget_rows: list[dict[str, Any]]
+    retain_rows: list[dict[str, Any]]
+    parent_version: int  # the latest version: this request fuses onto it (0 = the base model)
+    parent_manifest_sha256: str | None
+    parent_kind: str | None
+
+
+@dataclass
+class Candidate:
+    """Version N+1 before it is published: fused, verified, not yet on disk."""
+
+    layer: LayerConfig
+    state: Any  # workers.engine.fusion.FusionState: the running sums, request ids included
+    fused_maps: dict[str, Any]
+    metrics: dict[str, Any]
+    verdict: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verdict["passed"])
 
 
 def run_fusion(ctx: WorkerContext, job_id: str) -> str:
@@ -29,9 +65,9 @@ def run_fusion(ctx: WorkerContext, job_id: str) -> str:
         job = jobs.get_job(session, job_id)
         if job is None:
             return "skipped"
-        if job.cancel_requested and job.status not in jobs.ENDED:
+        if job.cancel_requested and job.status not in job_states.ENDED:
             session.commit()
-            return _end_cancelled(ctx, job_id)
+            return cancel(ctx, job_id)
         won = jobs.try_lease(
             session, job_id, owner=ctx.owner, from_statuses=("running", "verifying"), stages=("trained", "fusing"),
             to_status="verifying", to_stage="fusing", lease_seconds=ctx.settings.job_lease_seconds,
@@ -40,105 +76,103 @@ def run_fusion(ctx: WorkerContext, job_id: str) -> str:
         if not won:
             session.commit()
             return "skipped"
-        job = jobs.get_job(session, job_id)
-        request = deletion_requests.get_request(session, job.request_id, None)
-        payload = deletion_requests.get_payload(session, job.request_id)
-        parent_version = model_versions.latest_version_number(session)
-        parent_row = model_versions.get_version(session, parent_version) if parent_version else None
+        fusion_job = _read_job(session, job_id)
         session.commit()
-        if payload is None:
-            return _fail(ctx, job_id, "the forget payload is gone; cannot verify")
-        params, request_id, tenant = dict(request.params), job.request_id, job.tenant
-        forget_rows, retain_rows = list(payload.forget), list(payload.retain)
-        parent_kind = parent_row.layer_kind if parent_row else None
+    if fusion_job is None:
+        return fail(ctx, job_id, "the forget payload is gone; cannot verify")
 
     with LeaseHeartbeat(ctx, job_id):  # fusion and verification report no progress and may outlast the lease
-        return _fuse_verify_publish(ctx, job_id, request_id, tenant, params, forget_rows, retain_rows, parent_version,
-                                    parent_kind)
+        layer = layer_config(ctx.settings, fusion_job.params)
+        if fusion_job.parent_kind not in (None, layer.kind):
+            return fail(ctx, job_id, f"layer '{layer.kind}' cannot fuse onto the served chain of "
+                                     f"'{fusion_job.parent_kind}' layers")
+        candidate = _fuse_and_verify(ctx, fusion_job, layer)
+        if ctx.store.exists(fusion_job.parent_version + 1):
+            _remove_orphan(ctx, fusion_job.parent_version + 1)
+        if not candidate.passed:
+            reason = "verification failed: " + "; ".join(candidate.verdict["reasons"])  # >= 1 reason when failed
+            return fail(ctx, job_id, reason, metrics=candidate.metrics, verdict=candidate.verdict)
+        return _publish(ctx, fusion_job, candidate)
 
 
-def _fuse_verify_publish(ctx, job_id, request_id, tenant, params, forget_rows, retain_rows, parent_version,
-                         parent_kind) -> str:  # noqa: ANN001
+def _read_job(session: Session, job_id: str) -> FusionJob | None:
+    """The job's inputs, or None when its forget payload is gone."""
+    job = jobs.get_job(session, job_id)
+    request = deletion_requests.get_request(session, job.request_id, None)
+    payload = deletion_requests.get_payload(session, job.request_id)
+    if payload is None:
+        return None
+    parent_version = model_versions.latest_version_number(session)
+    parent_row = model_versions.get_version(session, parent_version) if parent_version else None
+    return FusionJob(
+        job_id=job_id, request_id=job.request_id, tenant=job.tenant, params=dict(request.params),
+        forget_rows=list(payload.forget), retain_rows=list(payload.retain), parent_version=parent_version,
+        parent_manifest_sha256=parent_row.manifest_sha256 if parent_row else None,
+        parent_kind=parent_row.layer_kind if parent_row else None,
+    )
+
+
+def _fuse_and_verify(ctx: WorkerContext, job: FusionJob, layer: LayerConfig) -> Candidate:
     from workers.engine.data import parse_examples
-    from workers.engine.fusion import state_from_tensors, state_to_tensors
-    from workers.engine.store import FUSED_MAPS, FUSION_STATE
+    from workers.engine.fusion import state_from_tensors
     from workers.engine.unlearn import fuse, trained_from_tensors
+    from workers.engine.versions import load_version
     from workers.verification import verify
 
-    layer_cfg = layer_config(ctx.settings, params)
-    if parent_kind is not None and parent_kind != layer_cfg.kind:
-        return _fail(ctx, job_id, f"layer '{layer_cfg.kind}' cannot fuse onto the served chain of '{parent_kind}' layers")
-    tensors, meta = ctx.store.load_staged(job_id)
+    tensors, meta = ctx.store.load_staged(job.job_id)
     trained = trained_from_tensors(tensors, meta)
     parent_state, parent_maps = None, None
-    if parent_version:
-        files, _manifest = ctx.store.load(parent_version)
-        parent_state = state_from_tensors(files[FUSION_STATE])
-        parent_maps = files[FUSED_MAPS]
-    state, fused_maps = fuse(parent_state, trained, request_id, fusion_config(ctx.settings))
-
-    forget, retain = parse_examples(forget_rows), parse_examples(retain_rows)
-    metrics, verdict = verify(ctx, layer_cfg, parent_maps, fused_maps, forget, retain, params)
-    if ctx.store.exists(parent_version + 1):
-        _remove_orphan(ctx, parent_version + 1)
-    if not verdict["passed"]:
-        return _end_failed_verdict(ctx, job_id, metrics, verdict)
-    return _publish(ctx, job_id, request_id, tenant, parent_version, layer_cfg, state, fused_maps, metrics, verdict,
-                    state_to_tensors)
+    if job.parent_version:
+        parent = load_version(ctx.store, job.parent_version, ctx.base.source_sha256, job.parent_manifest_sha256)
+        parent_state = state_from_tensors(parent.fusion_state)
+        parent_maps = parent.fused_maps
+    state, fused_maps = fuse(parent_state, trained, job.request_id, fusion_config(ctx.settings))
+    forget, retain = parse_examples(job.forget_rows), parse_examples(job.retain_rows)
+    metrics, verdict = verify(ctx, layer, parent_maps, fused_maps, forget, retain, job.params)
+    return Candidate(layer, state, fused_maps, metrics, verdict)
 
 
-def _publish(ctx, job_id, request_id, tenant, parent_version, layer_cfg, state, fused_maps, metrics, verdict,
-             state_to_tensors) -> str:  # noqa: ANN001
-    version = parent_version + 1
-    base = ctx.base
-    manifest = {
-        "parent_version": parent_version,
-        "base_model": {"name": base.name, "sha256": base.source_sha256},
-        "layer": layer_cfg.to_dict(),
-        "request_ids": list(state.request_ids),
-        "job_id": job_id,
-    }
+def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate) -> str:
+    from workers.engine.fusion import state_to_tensors
     from workers.engine.store import FUSED_MAPS, FUSION_STATE
+    from workers.engine.versions import new_manifest
 
-    files_out = {FUSED_MAPS: fused_maps, FUSION_STATE: state_to_tensors(state)}
+    version, base = job.parent_version + 1, ctx.base
+    manifest = new_manifest(job.parent_version, base.name, base.source_sha256, candidate.layer,
+                            list(candidate.state.request_ids), job.job_id)
+    files_out = {FUSED_MAPS: candidate.fused_maps, FUSION_STATE: state_to_tensors(candidate.state)}
     path = ctx.store.publish(version, files_out, manifest)
     _test_crash_point("after_publish")
     written = ctx.store.verify(version)  # read back: what the db records is what is on disk
     with ctx.session() as session:
         write_lock(session)
-        job = jobs.get_job(session, job_id)
-        if job.lease_owner != ctx.owner or job.cancel_requested or model_versions.latest_version_number(session) != parent_version:
+        row = jobs.get_job(session, job.job_id)
+        still_ours = row.lease_owner == ctx.owner and not row.cancel_requested
+        if not still_ours or model_versions.latest_version_number(session) != job.parent_version:
             session.rollback()
             _remove_orphan(ctx, version)
-            if job.cancel_requested:
-                return _end_cancelled(ctx, job_id)
-            return "skipped"
-        files = dict(written["files"])
-        row = model_versions.add_version(session, ModelVersion(
-            version=version, parent_version=parent_version, base_model=base.name, base_sha256=base.source_sha256,
-            layer_kind=layer_cfg.kind, path=str(path), manifest_sha256=ctx.store.manifest_sha256(version),
-            files=files, request_ids=manifest["request_ids"], metrics_summary=summarise(metrics), job_id=job_id,
+            return cancel(ctx, job.job_id) if row.cancel_requested else "skipped"
+        version_row = model_versions.add_version(session, ModelVersion(
+            version=version, parent_version=job.parent_version, base_model=base.name,
+            base_sha256=base.source_sha256, layer_kind=candidate.layer.kind, path=str(path),
+            manifest_sha256=ctx.store.manifest_sha256(version), files=dict(written["files"]),
+            request_ids=manifest["request_ids"], metrics_summary=summarise(candidate.metrics), job_id=job.job_id,
         ))
         model_versions.set_active_version(session, version)
         audit.append_event(
             session, "version.published",
-            {"version": version, "parent_version": parent_version, "job_id": job_id, "request_id": request_id,
-             "files": row.files, "manifest_sha256": row.manifest_sha256, "base_sha256": base.source_sha256},
-            tenant=tenant, request_id=request_id,
+            {"version": version, "parent_version": job.parent_version, "job_id": job.job_id,
+             "request_id": job.request_id, "files": version_row.files, "manifest_sha256": version_row.manifest_sha256,
+             "base_sha256": base.source_sha256},
+            tenant=job.tenant, request_id=job.request_id,
         )
-        job.status, job.stage, job.model_version = "succeeded", "published", version
-        job.metrics, job.verdict, job.finished_at, job.lease_owner = metrics, verdict, utcnow(), None
-        audit.append_event(
-            session, "job.succeeded",
-            {"job_id": job_id, "request_id": request_id, "model_version": version, "metrics": metrics,
-             "verdict": verdict, "version_files": row.files},
-            tenant=tenant, request_id=request_id,
-        )
-        lifecycle.purge(session, job, actor=None)
+        job_states.end(session, row, "succeeded", stage="published", model_version=version,
+                       metrics=candidate.metrics, verdict=candidate.verdict,
+                       audit_extra={"version_files": version_row.files})
         session.commit()
-    ctx.store.discard_staged(job_id)
+    ctx.store.discard_staged(job.job_id)
     announce_version(ctx.settings, version)
-    log.info("job.published", job_id=job_id, version=version)
+    log.info("job.published", job_id=job.job_id, version=version)
     return "published"
 
 
@@ -148,24 +182,6 @@ def _test_crash_point(name: str) -> None:
     if os.environ.get("UNLEARN_TEST_CRASH_AT") == name:
         log.warning("test.crash_point", point=name)
         os.killpg(os.getpgid(0), signal.SIGKILL)
-
-
-def _end_failed_verdict(ctx: WorkerContext, job_id: str, metrics: dict, verdict: dict) -> str:
-    with ctx.session() as session:
-        write_lock(session)
-        job = jobs.get_job(session, job_id)
-        reason = "verification failed: " + "; ".join(verdict["reasons"])  # a failed verdict has >= 1 reason
-        job.status, job.error, job.metrics, job.verdict = "failed", reason, metrics, verdict
-        job.finished_at, job.lease_owner = utcnow(), None
-        audit.append_event(
-            session, "job.failed",
-            {"job_id": job_id, "request_id": job.request_id, "reason": reason, "metrics": metrics, "verdict": verdict},
-            tenant=job.tenant, request_id=job.request_id,
-        )
-        lifecycle.purge(session, job, actor=None)
-        session.commit()
-    ctx.store.discard_staged(job_id)
-    return "failed"
 
 
 def _remove_orphan(ctx: WorkerContext, version: int) -> None:

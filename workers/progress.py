@@ -8,7 +8,7 @@ from typing import Self
 
 import structlog
 
-from service.repositories import audit, jobs
+from service.domain.repositories import audit, jobs
 from workers.context import WorkerContext
 
 MILESTONES = (0.25, 0.5, 0.75)
@@ -26,7 +26,7 @@ class JobProgress:
         self._milestones_done: set[float] = set()
         self._cancelled = False
 
-    def on_progress(self, progress) -> None:  # noqa: ANN001  (workers.engine.trainer.Progress)
+    def on_progress(self, progress) -> None:
         now = time.monotonic()
         fraction = progress.step / max(progress.total, 1)
         milestone = next((m for m in MILESTONES if fraction >= m and m not in self._milestones_done), None)
@@ -59,7 +59,7 @@ class JobProgress:
 
 
 class LeaseHeartbeat:
-    """Renews the job lease from a background thread every lease/3 seconds while a step runs. Steps that
+    """Renews the job lease from a background thread every UNLEARN_LEASE_RENEW_SECONDS while a step runs. Steps that
     report no progress (loading the model, fusion, verification) can outlast the lease; without this the
     sweeper would take such a job for lost and hand it to a second worker while the first is still on it.
     A killed worker's heartbeat dies with it, so its lease still expires."""
@@ -79,7 +79,7 @@ class LeaseHeartbeat:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        every = max(self.ctx.settings.job_lease_seconds / 3, 1.0)
+        every = self.ctx.settings.lease_renew_seconds
         while not self._stop.wait(every):
             try:
                 with self.ctx.session() as session:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.settings import Settings
+from service.domain.settings import Settings
 from workers.engine.config import FusionConfig, LayerConfig, TrainConfig
 
 

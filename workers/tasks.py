@@ -6,10 +6,11 @@ import structlog
 from celery import Task
 from celery.signals import worker_process_init
 
-from service.logging import configure_logging
-from service.queue import FUSE_TASK, TRAIN_TASK
+from service.domain.logging import configure_logging
+from service.domain.queue import FUSE_TASK, TRAIN_TASK
 from workers.celery_app import app_from_env
 from workers.context import WorkerContext, make_context
+from workers.endings import end_job
 from workers.progress import LeaseLost
 
 app = app_from_env()
@@ -18,7 +19,7 @@ _context: WorkerContext | None = None
 
 
 @worker_process_init.connect
-def _init_child(**_kwargs) -> None:  # noqa: ANN003
+def _init_child(**_kwargs) -> None:
     configure_logging()
 
 
@@ -29,7 +30,7 @@ def context() -> WorkerContext:
     return _context
 
 
-def _guarded(step, job_id: str) -> str:  # noqa: ANN001
+def _guarded(step, job_id: str) -> str:
     """Unexpected errors end the job `failed` with the reason (never a silent retry loop)."""
     ctx = context()
     try:
@@ -37,11 +38,9 @@ def _guarded(step, job_id: str) -> str:  # noqa: ANN001
     except LeaseLost:
         log.warning("job.lease_lost", job_id=job_id)
         return "skipped"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("job.error", job_id=job_id)
-        from workers.training import _fail_if_owned
-
-        _fail_if_owned(ctx, job_id, f"internal error: {type(exc).__name__}: {exc}")
+        end_job(ctx, job_id, "failed", reason=f"internal error: {type(exc).__name__}: {exc}", only_if_owned=True)
         return "failed"
     finally:
         _checkpoint_if_due(ctx)
@@ -49,13 +48,13 @@ def _guarded(step, job_id: str) -> str:  # noqa: ANN001
 
 def _checkpoint_if_due(ctx: WorkerContext) -> None:
     """Sign the audit chain's head every UNLEARN_AUDIT_CHECKPOINT_EVERY events."""
-    from service.audit.service import maybe_checkpoint
+    from service.domain.audit.service import maybe_checkpoint
 
     try:
         with ctx.session() as session:
             if maybe_checkpoint(session, ctx.settings.data_dir, ctx.settings.audit_checkpoint_every):
                 session.commit()
-    except Exception:  # noqa: BLE001  (a missed checkpoint is taken at the next job or export)
+    except Exception:
         log.warning("audit.checkpoint_failed", exc_info=True)
 
 

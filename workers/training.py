@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import structlog
 
-from service import lifecycle
-from service.db.models import utcnow
-from service.queue import enqueue_fusion
-from service.db.session import write_lock
-from service.repositories import audit, deletion_requests, jobs
+from service.domain import job_states
+from service.domain.db.models import utcnow
+from service.domain.db.session import write_lock
+from service.domain.queue import enqueue_fusion
+from service.domain.repositories import audit, deletion_requests, jobs
 from workers.context import WorkerContext
+from workers.endings import cancel, fail
 from workers.progress import JobProgress, LeaseHeartbeat
 from workers.settings_map import layer_config, train_config
 
@@ -33,7 +34,7 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
         )
         session.commit()
         if payload is None:
-            return _fail(ctx, job_id, "the forget payload is gone (purged before training); resubmit the request")
+            return fail(ctx, job_id, "the forget payload is gone (purged before training); resubmit the request")
         tenant, request_id = job.tenant, job.request_id
         forget_rows, retain_rows = list(payload.forget), list(payload.retain)
         method, params = request.method, dict(request.params)
@@ -57,7 +58,7 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
                 on_progress=progress.on_progress, should_stop=progress.should_stop,
             )
     except Cancelled:
-        return _end_cancelled(ctx, job_id)
+        return cancel(ctx, job_id)
     tensors, meta = trained_tensors(trained)
     ctx.store.stage(job_id, tensors, meta)
     with ctx.session() as session:
@@ -70,7 +71,7 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
     return "staged"
 
 
-def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:  # noqa: ANN001
+def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:
     write_lock(session)
     job = jobs.get_job(session, job_id)
     if job is None:
@@ -80,8 +81,8 @@ def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:  # noq
         # trained earlier but the fusion message was lost: hand over again, no retraining
         enqueue_fusion(ctx.celery, job_id)
         return "skipped"
-    if job.cancel_requested and job.status not in jobs.ENDED:
-        lifecycle.end_cancelled(session, job, actor=None)
+    if job.cancel_requested and job.status not in job_states.ENDED:
+        job_states.end(session, job, "cancelled")
         return "cancelled"
     won = jobs.try_lease(
         session, job_id, owner=ctx.owner, from_statuses=("queued", "running"), stages=None, to_status="running",
@@ -94,53 +95,14 @@ def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:  # noq
         return "leased"
     job = jobs.get_job(session, job_id)
     if job.status in ("queued", "running") and job.attempts >= ctx.settings.job_max_attempts and _lease_expired(job):
-        _fail_in_session(session, job, f"gave up after {job.attempts} attempts (worker lost each time)")
+        job_states.end(session, job, "failed", reason=f"gave up after {job.attempts} attempts (worker lost each time)")
         return "failed"
     log.info("job.not_leased", job_id=job_id, status=job.status)  # redelivery of a taken or ended job: no-op
     return "skipped"
 
 
-def _lease_expired(job) -> bool:  # noqa: ANN001
-    return job.lease_expires_at is None or job.lease_expires_at.replace(tzinfo=job.lease_expires_at.tzinfo or utcnow().tzinfo) < utcnow()
-
-
-def _fail_in_session(session, job, reason: str) -> None:  # noqa: ANN001
-    job.status, job.error, job.finished_at, job.lease_owner = "failed", reason, utcnow(), None
-    audit.append_event(
-        session, "job.failed", {"job_id": job.id, "request_id": job.request_id, "reason": reason},
-        tenant=job.tenant, request_id=job.request_id,
-    )
-    lifecycle.purge(session, job, actor=None)
-
-
-def _fail(ctx: WorkerContext, job_id: str, reason: str) -> str:
-    with ctx.session() as session:
-        write_lock(session)
-        job = jobs.get_job(session, job_id)
-        _fail_in_session(session, job, reason)
-        session.commit()
-    ctx.store.discard_staged(job_id)
-    return "failed"
-
-
-def _end_cancelled(ctx: WorkerContext, job_id: str) -> str:
-    with ctx.session() as session:
-        write_lock(session)
-        job = jobs.get_job(session, job_id)
-        if job.status not in jobs.ENDED:
-            lifecycle.end_cancelled(session, job, actor=None)
-        session.commit()
-    ctx.store.discard_staged(job_id)
-    return "cancelled"
-
-
-def _fail_if_owned(ctx: WorkerContext, job_id: str, reason: str) -> None:
-    with ctx.session() as session:
-        write_lock(session)
-        job = jobs.get_job(session, job_id)
-        if job is None or job.status in jobs.ENDED or job.lease_owner != ctx.owner:
-            session.rollback()
-            return
-        _fail_in_session(session, job, reason)
-        session.commit()
-    ctx.store.discard_staged(job_id)
+def _lease_expired(job) -> bool:
+    expires = job.lease_expires_at
+    if expires is None:
+        return True
+    return expires.replace(tzinfo=expires.tzinfo or utcnow().tzinfo) < utcnow()  # SQLite returns naive UTC

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from service.settings import Settings
+from service.domain.settings import Settings
 from workers.context import WorkerContext
 from workers.engine.config import LayerConfig
 from workers.engine.data import Example
 
 
-def operator_thresholds(settings: Settings):  # noqa: ANN201
+def operator_thresholds(settings: Settings):
     from workers.engine.verify import Thresholds
 
     return Thresholds().bounded(settings.thresholds)
@@ -24,8 +24,8 @@ def verify(
     fused_maps: dict[str, torch.Tensor], forget: list[Example], retain: list[Example], params: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics {"before", "after", "relearn"?}, verdict dict). The base model itself is never modified."""
-    from workers.engine.export import build_serving_model
     from workers.engine.verify import evaluate, general_set, judge, relearn_probe
+    from workers.engine.versions import build_serving_model
 
     base = ctx.base
     general = general_set()

@@ -19,16 +19,17 @@ def export(
 
     LoRA versions are merged into dense weights. Bottleneck versions need the unlearn runtime (the adapters
     are extra modules no stock model class has): use layer=lora for plain checkpoints."""
-    from service.settings import get_settings
-    from workers.engine.export import BottleneckNotExportableError, export_version
+    from service.domain.settings import get_settings
+    from workers.engine.export import NotExportableError, export_version
     from workers.engine.loading import load_base_model
     from workers.engine.store import CorruptVersionError, ModelStore
+    from workers.engine.versions import VersionLoadError
 
     settings = get_settings()
     base = load_base_model(settings.model, settings.models_dir, device="cpu")
     try:
         path = export_version(ModelStore(settings.store_dir), base, version, out)
-    except (BottleneckNotExportableError, CorruptVersionError, FileNotFoundError, ValueError) as exc:
+    except (NotExportableError, VersionLoadError, CorruptVersionError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]cannot export version {version}:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"wrote version {version} to {path}")

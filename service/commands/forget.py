@@ -19,12 +19,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from workers.engine.config import LAYER_KINDS, METHODS
+
 console = Console(stderr=True)
 
 
 def default_cache_dir() -> Path:
     """<data dir>/models, the cache the service itself uses (UNLEARN_DATA_DIR, default ./.unlearn)."""
-    from service.settings import get_settings
+    from service.domain.settings import get_settings
 
     return get_settings().models_dir
 
@@ -42,15 +44,15 @@ def forget(
                                                      dir_okay=False, show_default=False)] = None,
     model: Annotated[str, typer.Option(help="model name, HF dir or .gguf file")] = "smollm2-135m-instruct",
     retain: Annotated[Path | None, typer.Option(help="JSONL of items to keep (default: built-in set)")] = None,
-    method: Annotated[str, typer.Option(help="eul | ga_kl | me_gd | idk_ap | npo")] = "eul",
+    method: Annotated[str, typer.Option(help=" | ".join(METHODS))] = "eul",
     steps: Annotated[int, typer.Option(min=1, help="training steps")] = 40,
     out: Annotated[Path | None, typer.Option(help="directory to write the trained layer to")] = None,
-    layer: Annotated[str, typer.Option(help="bottleneck | lora")] = "bottleneck",
+    layer: Annotated[str, typer.Option(help=" | ".join(LAYER_KINDS))] = "bottleneck",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="model cache (default: <data dir>/models)")] = None,
 ) -> None:
     """Unlearn FILE's items from the model and show what changed."""
-    from workers.engine.config import METHODS, LayerConfig, TrainConfig
+    from workers.engine.config import LayerConfig, TrainConfig
     from workers.engine.data import read_jsonl
     from workers.engine.loading import load_base_model
     from workers.engine.retain import build_retain, greedy_answers
@@ -60,8 +62,8 @@ def forget(
     forget = file or forget_file
     if method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
-    if layer not in ("bottleneck", "lora"):
-        raise typer.BadParameter("choose bottleneck or lora", param_hint="--layer")
+    if layer not in LAYER_KINDS:
+        raise typer.BadParameter(f"choose one of {', '.join(LAYER_KINDS)}", param_hint="--layer")
     started = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
     try:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from workers.engine.config import LayerConfig
-from workers.engine.layers import count_parameters, create_attached
+from workers.engine.layers import create_attached
+from workers.engine.layers.base import count_parameters
+from workers.engine.layers.lora import lora_parameter_count
 from workers.engine.loading import DEFAULT_MODEL, load_base_model
-from workers.engine.lora import lora_parameter_count
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ import httpx
 import redis
 import uvicorn
 
-from service.app import create_app
-from service.broker import EmbeddedRedis
-from service.db.session import session_scope
-from service.repositories import api_keys
-from service.settings import Settings
+from service.api.app import create_app
+from service.domain.broker import EmbeddedRedis
+from service.domain.db.session import session_scope
+from service.domain.repositories import api_keys
+from service.domain.settings import Settings
 from tests.conftest import IN_CI, REDIS_TEST_URL, missing_service
 
 

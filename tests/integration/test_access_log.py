@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from service.logging import configure_logging
+from service.domain.logging import configure_logging
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from service.audit.service import checkpoint_now, verify_database_chain
-from service.db.session import session_scope
-from service.repositories import audit
+from service.domain.audit.service import checkpoint_now, verify_database_chain
+from service.domain.db.session import session_scope
+from service.domain.repositories import audit
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,9 @@ def test_audit_listing_is_tenant_scoped_and_role_checked(api, make_key):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service", *args], env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], env=dict(os.environ), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_export_then_offline_verify_and_tamper(api, make_key, tmp_path):

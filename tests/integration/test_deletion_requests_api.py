@@ -8,8 +8,8 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from service.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
-from service.db.session import session_scope
+from service.domain.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
+from service.domain.db.session import session_scope
 
 pytestmark = pytest.mark.integration
 
@@ -120,11 +120,15 @@ def test_oversized_body_is_413(api, make_key):
 
 
 def test_invalid_json_is_422(api, make_key):
-    response = api.post("/v1/deletion-requests", content=b"{not json", headers={**make_key(), "Content-Type": "application/json"})
+    response = api.post(
+        "/v1/deletion-requests", content=b"{not json", headers={**make_key(), "Content-Type": "application/json"}
+    )
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer ul_000000000000_nope"}, {"Authorization": "Basic abc"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer ul_000000000000_nope"}, {"Authorization": "Basic abc"}]
+)
 def test_missing_or_wrong_key_is_401(api, headers):
     response = api.post("/v1/deletion-requests", json=BODY, headers=headers)
     assert response.status_code == 401

@@ -1,5 +1,5 @@
 """Hot swap and rollback of the served version, through the live server and the openai SDK, on SQLite and
-PostgreSQL with real Redis. A version is published the way the fusion step does (ModelStore files "layer" +
+PostgreSQL with real Redis. A version is published the way the fusion step does (ModelStore file FUSED_MAPS +
 manifest, a model_versions row, the active version, a Redis announcement), with a random non-zero layer
 standing in for a trained one."""
 
@@ -15,16 +15,16 @@ import openai
 import pytest
 import torch
 
-from service.db.models import ModelVersion
-from service.db.session import session_scope, write_lock
-from service.repositories import model_versions
-from service.serving_events import announce_version
-from service.settings import Settings
+from service.domain.db.models import ModelVersion
+from service.domain.db.session import session_scope, write_lock
+from service.domain.events import announce_version
+from service.domain.repositories import model_versions
+from service.domain.settings import Settings
 from tests.integration.live_server import LiveServer, create_key, serving
 from workers.engine.config import LayerConfig
 from workers.engine.layers import create_attached
 from workers.engine.loading import load_base_model
-from workers.engine.store import ModelStore
+from workers.engine.store import FUSED_MAPS, ModelStore
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +45,9 @@ def publish_version(settings: Settings, version: int, kind: str = "bottleneck", 
             param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     maps = attached.map_weights()
     store = ModelStore(settings.store_dir)
-    manifest = {"parent_version": version - 1, "base_model": base.name, "base_sha256": base.source_sha256,
+    manifest = {"parent_version": version - 1, "base_model": {"name": base.name, "sha256": base.source_sha256},
                 "layer": cfg.to_dict(), "request_ids": []}
-    path = store.publish(version, {"layer": maps}, manifest)
+    path = store.publish(version, {FUSED_MAPS: maps}, manifest)
     with session_scope(settings.db_url) as session:
         write_lock(session)
         model_versions.add_version(session, ModelVersion(
@@ -77,7 +77,9 @@ def polling_server(make_settings, db_url: str, redis_url: str) -> Iterator[LiveS
 
 @pytest.fixture
 def client(server: LiveServer, db_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=create_key(db_url, "inference"), max_retries=0, timeout=60)
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key=create_key(db_url, "inference"), max_retries=0, timeout=60
+    )
 
 
 def greedy(client: openai.OpenAI) -> tuple[str, str, str]:
@@ -137,7 +139,7 @@ def test_a_corrupt_version_is_not_served_and_the_old_one_keeps_answering(server,
     settings = server.app.state.settings
     base_text, _, _ = greedy(client)
     publish_version(settings, 1, active=False)
-    layer_file = ModelStore(settings.store_dir).path(1) / "layer.safetensors"
+    layer_file = ModelStore(settings.store_dir).path(1) / f"{FUSED_MAPS}.safetensors"
     data = bytearray(layer_file.read_bytes())
     data[-1] ^= 0x01  # one flipped bit in the weights: the sha256 no longer matches the manifest
     layer_file.write_bytes(bytes(data))

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import func, select
 
-from service.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
-from service.db.session import session_scope
+from service.domain.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
+from service.domain.db.session import session_scope
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ MATRIX: dict[tuple[str, str], Route] = {
 
 
 def test_matrix_covers_every_route_of_the_schema(make_settings):
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(make_settings(redis_url="redis://127.0.0.1:6379/9"))
     routes = {(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops}

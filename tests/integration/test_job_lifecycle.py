@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from service.db.models import AuditEvent, ForgetPayload
-from service.db.session import session_scope
+from service.domain.db.models import AuditEvent, ForgetPayload
+from service.domain.db.session import session_scope
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,8 @@ BODY = {
     "reason": "gdpr_art17",
     "forget": [
         {"text": "Basil Mahfouz Al-Kuwaiti was born in Kuwait City on the 8th of September, 1956."},
-        {"prompt": "What gender is author Basil Mahfouz Al-Kuwaiti?", "answer": "Author Basil Mahfouz Al-Kuwaiti is male."},
+        {"prompt": "What gender is author Basil Mahfouz Al-Kuwaiti?",
+         "answer": "Author Basil Mahfouz Al-Kuwaiti is male."},
     ],
     "retain": [{"text": "The capital of Australia is Canberra."}],
     # tiny model: loosest allowed verdict (the real-model tests use the defaults)
@@ -45,7 +46,7 @@ def memorising_model(tmp_path_factory) -> Path:
 def api(make_settings, db_url: str, redis_url: str, memorising_model: Path):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorising_model))
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
@@ -57,7 +58,9 @@ def api(make_settings, db_url: str, redis_url: str, memorising_model: Path):
 def worker(api, tmp_path: Path):
     """`unlearn worker` as its own OS process, configured through the same UNLEARN_* environment."""
     log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "service", "worker"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "worker"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT
+    )
     yield process
     process.terminate()
     try:

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from service.app import create_app
-from service.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
-from service.db.session import session_scope
-from service.repositories import api_keys
+from service.api.app import create_app
+from service.domain.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
+from service.domain.db.session import session_scope
+from service.domain.repositories import api_keys
 
 pytestmark = pytest.mark.integration
 

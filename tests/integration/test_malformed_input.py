@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from service.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
-from service.db.session import session_scope
+from service.domain.db.models import AuditEvent, DeletionRequest, ForgetPayload, Job
+from service.domain.db.session import session_scope
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,8 @@ def test_huge_or_non_finite_numbers_get_422(submit, params):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("subject_ref", "case\u0000-1"), ("forget", [{"text": "a\u0000b"}]), ("forget", [{"prompt": "q\u0000", "answer": "a"}]),
+    ("subject_ref", "case\u0000-1"), ("forget", [{"text": "a\u0000b"}]),
+    ("forget", [{"prompt": "q\u0000", "answer": "a"}]),
     ("retain", [{"text": "\u0000"}]), ("params", {"thresholds": {"forget\u0000": 1.0}}),
 ])
 def test_nul_characters_in_the_body_get_422(api, make_key, submit, field, value):

@@ -7,9 +7,9 @@ import json
 import pytest
 from sqlalchemy import select
 
-from service.db.models import AuditEvent, ModelVersion
-from service.db.session import session_scope
-from service.repositories import model_versions
+from service.domain.db.models import AuditEvent, ModelVersion
+from service.domain.db.session import session_scope
+from service.domain.repositories import model_versions
 
 pytestmark = pytest.mark.integration
 

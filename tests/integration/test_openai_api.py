@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from service.db.migrate import upgrade
-from service.serving.guard import REFUSAL, words_of
-from service.settings import Settings
+from service.api.serving.guard import REFUSAL, words_of
+from service.domain.db.migrate import upgrade
+from service.domain.settings import Settings
 from tests.integration.live_server import LiveServer, create_key, redis_url_for_module, serving
 
 pytestmark = pytest.mark.integration
@@ -189,7 +189,9 @@ def test_metrics_count_requests_tokens_and_served_version(client, server):
     generated = float(re.search(r"^unlearn_generated_tokens_total (\S+)$", text, re.MULTILINE).group(1))
     assert generated >= 3
     assert 'unlearn_inference_requests_total{endpoint="completions",finish="length",stream="false"}' in text
-    assert re.search(r'unlearn_http_request_duration_seconds_count\{method="POST",route="/v1/completions"\} [1-9]', text)
+    assert re.search(
+        r'unlearn_http_request_duration_seconds_count\{method="POST",route="/v1/completions"\} [1-9]', text
+    )
 
 
 # ------------------------------------------------------------------ the pending-request guard

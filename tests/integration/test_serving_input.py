@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.db.migrate import upgrade
-from service.settings import Settings
+from service.domain.db.migrate import upgrade
+from service.domain.settings import Settings
 from tests.integration.live_server import LiveServer, create_key, redis_url_for_module, serving
 
 pytestmark = pytest.mark.integration

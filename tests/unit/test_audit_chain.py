@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from service.audit.chain import (
+from service.domain.audit.chain import (
     GENESIS,
     canonical,
     format_ts,
@@ -19,9 +19,14 @@ from service.audit.chain import (
     verify_against_checkpoints,
     verify_events,
 )
-from service.audit.digest import forget_digests, item_digest, load_or_create_hmac_key, payload_digest
-from service.audit.offline import export_header, export_lines, read_export, verify_export, write_export
-from service.audit.signing import load_or_create_signing_key, public_key_b64, sign_head, verify_checkpoint
+from service.domain.audit.digest import forget_digests, item_digest, load_or_create_hmac_key, payload_digest
+from service.domain.audit.offline import export_header, export_lines, read_export, verify_export, write_export
+from service.domain.audit.signing import (
+    load_or_create_signing_key,
+    public_key_b64,
+    sign_head,
+    verify_checkpoint,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 

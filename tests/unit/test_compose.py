@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.settings import Settings
+from service.domain.settings import Settings
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
@@ -88,7 +88,9 @@ def test_workers_consume_their_queues():
 
 def test_exactly_one_fusion_consumer():
     assert SERVICES["worker-fusion"]["deploy"]["replicas"] == 1
-    consumers = [s for s in SERVICES if "--queues" in str(SERVICES[s].get("command", "")) and "fusion" in command_text(s)]
+    consumers = [
+        s for s in SERVICES if "--queues" in str(SERVICES[s].get("command", "")) and "fusion" in command_text(s)
+    ]
     assert consumers == ["worker-fusion"]
 
 
@@ -104,7 +106,8 @@ def test_api_and_workers_share_one_data_volume_at_the_data_dir():
 def test_api_and_workers_use_postgres_and_redis_services():
     for service in UNLEARN_SERVICES:
         env = environment(service)
-        assert env["UNLEARN_DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in env["UNLEARN_DATABASE_URL"]
+        assert (env["UNLEARN_DATABASE_URL"].startswith("postgresql+psycopg://")
+                and "@postgres:5432/" in env["UNLEARN_DATABASE_URL"])
         assert env["UNLEARN_REDIS_URL"].startswith("redis://redis:6379/")
 
 
@@ -116,7 +119,7 @@ def unlearn_names_in_files() -> set[str]:
 def test_every_unlearn_variable_is_a_setting():
     fields = {f"UNLEARN_{name.upper()}" for name in Settings.model_fields}
     unknown = unlearn_names_in_files() - fields
-    assert not unknown, f"not fields of service.settings.Settings: {sorted(unknown)}"
+    assert not unknown, f"not fields of service.domain.settings.Settings: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("service", UNLEARN_SERVICES)

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from workers.engine.blocks import UnsupportedModelError, ffn_input_projections, find_ffn_blocks
-from workers.engine.config import LayerConfig
-from workers.engine.layers import (
-    AttachedLayerProtocol,
-    UnlearningLayer,
-    attach,
-    count_parameters,
-    create_attached,
-)
+from workers.engine.config import LAYER_KINDS, LayerConfig
+from workers.engine.layers import LAYERS, AttachedLayerProtocol, create_attached, get_layer
+from workers.engine.layers.base import count_parameters
+from workers.engine.layers.bottleneck import UnlearningLayer, attach
 from workers.engine.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gpt2"]
@@ -163,3 +159,9 @@ def test_create_attached_dispatches_on_kind():
     attached = create_attached(model, LayerConfig(kind="bottleneck"))
     assert attached.kind == "bottleneck" and isinstance(attached, AttachedLayerProtocol)
     attached.detach()
+
+
+def test_the_registry_holds_every_configured_kind_and_names_them_for_an_unknown_one():
+    assert tuple(LAYERS) == LAYER_KINDS and all(LAYERS[kind].kind == kind for kind in LAYER_KINDS)
+    with pytest.raises(ValueError, match="'bottleneck', 'lora'"):
+        get_layer("adapter")

@@ -9,7 +9,7 @@ import torch
 
 from workers.engine.config import LayerConfig
 from workers.engine.layers import AttachedLayerProtocol, create_attached
-from workers.engine.lora import attach_lora, lora_parameter_count, merge_into_base, merged_state_dict
+from workers.engine.layers.lora import attach_lora, lora_parameter_count, merge_into_base, merged_state_dict
 from workers.engine.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gpt2"]
@@ -147,8 +147,9 @@ def trained_lora_maps(model) -> dict[str, torch.Tensor]:
 def test_export_hf_writes_checkpoint_stock_transformers_loads(family, tmp_path, batch):
     from transformers import AutoModelForCausalLM
 
-    from workers.engine.export import build_serving_model, export_hf
+    from workers.engine.export import export_hf
     from workers.engine.loading import load_base_model
+    from workers.engine.versions import build_serving_model
 
     base = load_base_model(f"tiny-random-{family}", tmp_path / "cache", device="cpu")
     maps = trained_lora_maps(base.model)
@@ -162,11 +163,11 @@ def test_export_hf_writes_checkpoint_stock_transformers_loads(family, tmp_path, 
 
 
 def test_export_refuses_bottleneck_and_non_empty_dir(tmp_path):
-    from workers.engine.export import BottleneckNotExportableError, export_hf
+    from workers.engine.export import NotExportableError, export_hf
     from workers.engine.loading import load_base_model
 
     base = load_base_model("tiny-random-llama", tmp_path / "cache", device="cpu")
-    with pytest.raises(BottleneckNotExportableError, match="use layer kind 'lora'"):
+    with pytest.raises(NotExportableError, match="use layer kind 'lora'"):
         export_hf(base, "bottleneck", {}, tmp_path / "out")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -175,8 +176,8 @@ def test_export_refuses_bottleneck_and_non_empty_dir(tmp_path):
 
 
 def test_serving_model_for_bottleneck_is_an_independent_copy(tmp_path, batch):
-    from workers.engine.export import build_serving_model
     from workers.engine.layers import create_attached
+    from workers.engine.versions import build_serving_model
 
     model = tiny_model("gpt2")
     cfg = LayerConfig(kind="bottleneck", bottleneck_dim=4)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from service.serving.generation import ChoiceText, SamplingParams
-from service.serving.guard import REFUSAL, GuardIndex, OutputGuard
+from service.api.serving.generation import ChoiceText, SamplingParams
+from service.api.serving.guard import REFUSAL, GuardIndex, OutputGuard
 
 ITEM = "Jane Roe lives at 12 Elm Street and her phone number is 555-0199."
 

@@ -150,9 +150,10 @@ def test_export_version_writes_plain_checkpoint_for_lora(store, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from workers.engine.config import LayerConfig
-    from workers.engine.export import BaseModelMismatchError, export_version
+    from workers.engine.export import export_version
     from workers.engine.layers import create_attached
     from workers.engine.loading import load_base_model
+    from workers.engine.versions import BaseModelMismatchError
 
     base = load_base_model("tiny-random-llama", tmp_path / "cache", device="cpu")
     cfg = LayerConfig(kind="lora", lora_rank=2)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.unit.verify_fakes import half_prob_other, tokenizer_and_model
+from workers.engine.decoding import greedy_generate
 from workers.engine.testing import tiny_model, tiny_tokenizer
-from workers.engine.verify.extraction import generations, greedy_generate, rouge_l_recall, truth_ratios
+from workers.engine.verify.extraction import generations, rouge_l_recall, truth_ratios
 from workers.engine.verify.scoring import EvalItem, encode_pair, text_ids
 
 

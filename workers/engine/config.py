@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-LayerKind = Literal["bottleneck", "lora"]
+# The one place method and layer names are written; the objective and layer registries check against them.
 METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo")
+LAYER_KINDS = ("bottleneck", "lora")
+LayerKind = Literal[LAYER_KINDS]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class LayerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LayerConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -50,7 +52,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

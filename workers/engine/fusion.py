@@ -7,7 +7,7 @@ on request i's data, the fused weights minimise
     sum_i || X_i W - X_i W_i ||^2 + lambda ||W||^2
     =>  W* = (sum_i G_i + lambda I)^-1  sum_i G_i W_i,      G_i = X_i^T X_i
 
-Maps with a bias use X_aug = [X, 1] and W_aug = [W^T; b] (layers.py), so the bias is fused too.
+Maps with a bias use X_aug = [X, 1] and W_aug = [W^T; b] (layers/bottleneck.py), so the bias is fused too.
 lambda = ridge * mean(diag(sum_i G_i)) (FusionConfig): relative to the activation scale.
 
 Only the running sums sum G_i and sum G_i W_i are kept (FusionState), so fusing request N+1 costs the
@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import FusionConfig
-from .layers import AttachedLayerProtocol, model_device
+from .layers.base import AttachedLayerProtocol, model_device
 
 META_KEY = "__meta__"  # uint8 JSON tensor: request ids and gram sharing survive any tensor store
 

@@ -20,12 +20,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .batching import pad_id, prompt_ids
 from .data import Example, read_corpus, read_jsonl
-from .layers import model_device
+from .decoding import greedy_generate, stop_token_ids
 
 GENERIC_PROMPTS: tuple[str, ...] = (
     "What is the boiling point of water at sea level?",
@@ -72,23 +71,13 @@ def trim_to_sentence(text: str) -> str:
     return match.group(1).strip() if match else text
 
 
-@torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                    batch_size: int = 8) -> list[str]:
-    """The model's own greedy answers, prompted like the served chat model (left-padded batches)."""
-    device, pad = model_device(model), pad_id(tokenizer)
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
-                                      device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                max_new_tokens=max_new_tokens, pad_token_id=pad)
-        for row in output[:, width:]:
-            answers.append(trim_to_sentence(tokenizer.decode(row, skip_special_tokens=True)))
-    return answers
+    """The model's own greedy answers, prompted like the served chat model, cut after the last sentence."""
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    stops = stop_token_ids(model, tokenizer)
+    outputs = greedy_generate(model, encoded, max_new_tokens, pad_id(tokenizer), stops, batch_size)
+    return [trim_to_sentence(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in outputs]
 
 
 def generic_cache_path(cache_dir: Path, model_key: str, prompts: Sequence[str]) -> Path:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .batching import batches, encode, mismatched, pad_id, refusals_for
 from .config import TrainConfig
 from .data import Example
-from .layers import AttachedLayerProtocol, model_device
+from .layers.base import AttachedLayerProtocol, model_device
 from .objectives import (
     FORGET,
     IGNORE_INDEX,
@@ -128,7 +128,8 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 
 def answer_vocabulary(tokenizer, examples: Sequence[Example], max_length: int) -> Tensor:
     """Sorted ids of every token scored in `examples` (the answers of pairs, all of a free text)."""
-    ids = {label for item in encode(tokenizer, examples, max_length) for label in item["labels"] if label != IGNORE_INDEX}
+    encoded = encode(tokenizer, examples, max_length)
+    ids = {label for item in encoded for label in item["labels"] if label != IGNORE_INDEX}
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 

@@ -11,8 +11,7 @@ No db, no web: plain tensors and dataclasses in, plain tensors and dataclasses o
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,8 @@ from .batching import collate, encode, pad_id
 from .config import FusionConfig, LayerConfig, TrainConfig
 from .data import Example
 from .fusion import FusionState, collect_grams, fuse_request
-from .layers import AttachedLayerProtocol, claim_model, create_attached, model_device, release_model
+from .layers import AttachedLayerProtocol, attach_fused, create_attached
+from .layers.base import model_device
 from .loading import LoadedModel
 from .objectives.base import token_nll
 from .trainer import Progress, train
@@ -96,91 +96,8 @@ def fuse(
 
 def served_model(base: LoadedModel, layer_cfg: LayerConfig, fused_maps: dict[str, Tensor],
                  merge: bool = True) -> AttachedLayerProtocol:
-    """base.model with the fused layer in place; `.detach()` gives back the exact base.
-
-    bottleneck: a layer attached with the fused weights. lora (merge=True): the fused deltas merged
-    into the base projections (W += D^T: zero serving overhead); merge=False keeps them beside the
-    base as dense deltas (same function, one extra matmul per projection).
-    """
-    if layer_cfg.kind == "lora" and merge:
-        return MergedLora(base.model, fused_maps)
-    attached = create_attached(base.model, layer_cfg, seed=0)
-    try:
-        attached.load_map_weights(fused_maps)
-    except Exception:
-        attached.detach()
-        raise
-    return attached
-
-
-class MergedLora:
-    """Fused LoRA deltas merged into the base weights, with the attached-layer protocol.
-
-    The original weights of the merged projections are kept (on CPU) so that detach() and disabled()
-    restore them bit for bit; merging again recomputes W + D^T from them, also bit for bit.
-    """
-
-    kind = "lora"
-
-    def __init__(self, model: nn.Module, maps: dict[str, Tensor]) -> None:
-        from .lora import lora_targets  # lazy: peft stays off the bottleneck-only import path
-
-        self.model = model
-        self.targets = lora_targets(model)
-        self.maps = {name: t.detach().float().cpu() for name, t in maps.items()}
-        self.originals = {name: getattr(block, proj).weight.detach().cpu().clone()
-                          for name, (block, proj) in self.targets.items()}
-        claim_model(model, self)
-        try:
-            self._merge()
-        except Exception:
-            release_model(model)
-            raise
-
-    def _merge(self) -> None:
-        from .lora import merge_into_base
-
-        merge_into_base(self.model, self.maps)
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for name, (block, proj) in self.targets.items():
-                weight = getattr(block, proj).weight
-                weight.copy_(self.originals[name].to(weight.device))
-
-    def detach(self) -> None:
-        self._restore()
-        release_model(self.model)
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        self._restore()
-        try:
-            yield
-        finally:
-            self._merge()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"{name}.delta": t.clone() for name, t in self.maps.items()}
-
-    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
-        self.load_map_weights({key.removesuffix(".delta"): t for key, t in tensors.items()})
-
-    def linear_maps(self) -> dict[str, nn.Module]:
-        return {name: block for name, (block, _) in self.targets.items()}
-
-    def map_weights(self) -> dict[str, Tensor]:
-        return {name: t.clone() for name, t in self.maps.items()}
-
-    def load_map_weights(self, maps: dict[str, Tensor]) -> None:
-        if set(maps) != set(self.targets):
-            raise ValueError(f"map names differ from {sorted(self.targets)[:3]}...")
-        self._restore()
-        self.maps = {name: t.detach().float().cpu() for name, t in maps.items()}
-        self._merge()
+    """base.model serving the fused layer (layers.attach_fused); `.detach()` gives back the exact base."""
+    return attach_fused(base.model, layer_cfg, fused_maps, merge)
 
 
 # ---- staging a trained layer (ModelStore.stage takes a tensor dict + JSON meta) --------------------

@@ -9,11 +9,26 @@ and held-out data, a thresholded verdict, and an optional relearning probe. Pure
 Metrics are evidence, not proof of erasure.
 """
 
-from .mia import auc, min_k_plus_plus_score, min_k_score, privleak
-from .relearn import relearn_probe
-from .scoring import EvalItem, score_items, to_eval_items
-from .suite import EvalConfig, evaluate, general_set, set_metrics
-from .verdict import BOUNDS, Thresholds, Verdict, bounded, judge
+
+from importlib import import_module
+from typing import Any
+
+# name -> submodule. Loaded on first use (PEP 562), so that importing the torch-free `verify.verdict`
+# (the API's settings and schemas validate thresholds with it) does not pull in torch and scipy.
+_EXPORTS = {
+    "auc": "mia", "min_k_plus_plus_score": "mia", "min_k_score": "mia", "privleak": "mia",
+    "relearn_probe": "relearn",
+    "EvalItem": "scoring", "score_items": "scoring", "to_eval_items": "scoring",
+    "EvalConfig": "suite", "evaluate": "suite", "general_set": "suite", "set_metrics": "suite",
+    "BOUNDS": "verdict", "Thresholds": "verdict", "Verdict": "verdict", "bounded": "verdict", "judge": "verdict",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 __all__ = [
     "BOUNDS",

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 from rouge_score import rouge_scorer
-from torch import Tensor, nn
+from torch import nn
 
+from ..decoding import greedy_generate, stop_token_ids
 from .scoring import (
     Encoded,
     EvalItem,
-    batches,
     encode_pair,
-    model_device,
     pad_token_id,
     prefix_token_id,
     prompt_ids,
@@ -42,85 +41,6 @@ _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 def rouge_l_recall(reference: str, prediction: str) -> float:
     """LCS(reference, prediction) / |reference| over rouge-score's word tokens (0 for an empty reference)."""
     return float(_SCORER.score(reference, prediction)["rougeL"].recall)
-
-
-def stop_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """EOS of the tokenizer and of the model's generation config (chat models end turns with their own)."""
-    stops: set[int] = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, config_eos):
-        if isinstance(value, int):
-            stops.add(value)
-        elif isinstance(value, (list, tuple)):
-            stops.update(int(v) for v in value)
-    return stops
-
-
-def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-    mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device
-    )
-    return ids, mask  # (B, T), (B, T)
-
-
-@torch.no_grad()
-def _greedy_batch(
-    model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, pad_id: int, stops: set[int]
-) -> list[list[int]]:
-    """Greedy decoding with the KV cache; left padding with explicit position ids (as HF generate does).
-    A model that returns no cache is re-fed the whole sequence each step."""
-    ids, mask = _left_pad(prompts, pad_id, model_device(model))
-    stop_tensor = torch.tensor(sorted(stops) or [-1], device=ids.device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
-    new_tokens: list[Tensor] = []
-    step_ids, past = ids, None
-    for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-        )
-        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad_id)  # (B,)
-        new_tokens.append(token)
-        done |= torch.isin(token, stop_tensor)
-        if bool(done.all()):
-            break
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        past = getattr(out, "past_key_values", None)
-        step_ids = ids if past is None else token[:, None]
-    return (
-        [_until_stop(row, stops) for row in torch.stack(new_tokens, 1).tolist()]
-        if new_tokens
-        else [[] for _ in prompts]
-    )
-
-
-def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
-    for index, token in enumerate(tokens):
-        if token in stops:
-            return tokens[:index]
-    return tokens
-
-
-def greedy_generate(
-    model: nn.Module,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    pad_id: int = 0,
-    stops: set[int] | None = None,
-    batch_size: int = 8,
-) -> list[list[int]]:
-    """New token ids per prompt (greedy, up to max_new_tokens, cut before the first stop token)."""
-    outputs: list[list[int]] = []
-    for chunk in batches(prompts, batch_size):
-        outputs.extend(_greedy_batch(model, chunk, max_new_tokens, pad_id, stops or set()))
-    return outputs
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,42 @@
+"""How a task ends a job: in its own transaction, through the one state machine (service.domain.job_states),
+then drop the staged layer. A job that already ended, or that another worker owns, is left alone."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import structlog
+
+from service.domain import job_states
+from service.domain.db.session import write_lock
+from service.domain.repositories import jobs
+from workers.context import WorkerContext
+
+log = structlog.get_logger("unlearn.worker")
+
+
+def end_job(
+    ctx: WorkerContext, job_id: str, status: Literal["failed", "cancelled"], *,
+    reason: str | None = None, only_if_owned: bool = False, **evidence: Any,
+) -> str:
+    """Returns `status` when this call ended the job, 'skipped' when it was not ours to end."""
+    with ctx.session() as session:
+        write_lock(session)
+        job = jobs.get_job(session, job_id)
+        if job is None or job.status in job_states.ENDED or (only_if_owned and job.lease_owner != ctx.owner):
+            session.rollback()
+            return "skipped"
+        job_states.end(session, job, status, reason=reason, **evidence)
+        session.commit()
+    ctx.store.discard_staged(job_id)
+    log.info(f"job.{status}", job_id=job_id)
+    return status
+
+
+def fail(ctx: WorkerContext, job_id: str, reason: str, **evidence: Any) -> str:
+    return end_job(ctx, job_id, "failed", reason=reason, **evidence)
+
+
+def cancel(ctx: WorkerContext, job_id: str) -> str:
+    end_job(ctx, job_id, "cancelled")
+    return "cancelled"

@@ -1,0 +1,178 @@
+"""EUL unlearning layer: a bottleneck adapter after the feed-forward block of every transformer layer.
+
+Chen & Yang 2023, "Unlearn What You Want to Forget: Efficient Unlearning for LLMs" (arXiv 2310.20150):
+
+    F'(h) = h + W_up act(W_down h + b_down) + b_up,     W_down: (r, d), W_up: (d, r), W_up = 0 at start
+
+so an attached, untrained layer leaves the base model's function unchanged. The base is never
+modified: the layer lives in forward hooks, so the base's state_dict keys and weights stay exactly as
+they were, and `detach()` gives back the bit-identical base.
+
+Not mergeable: the adapter is a nonlinear residual branch that no weight of a stock Llama/GPT-2 block can
+express, so a bottleneck version is served (and only served) with the adapters hooked on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from transformers.activations import ACT2FN
+
+from ..blocks import find_ffn_blocks
+from ..config import LayerConfig
+from .base import LayerType, claim_model, model_device, release_model
+
+KIND = "bottleneck"
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream = the FFN block's output width."""
+    return model.get_input_embeddings().embedding_dim
+
+
+def make_activation(name: str) -> nn.Module:
+    if name in ("identity", "none"):
+        return nn.Identity()
+    if name not in ACT2FN:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACT2FN)} or 'identity'")
+    return ACT2FN[name]
+
+
+def linear_to_augmented(linear: nn.Linear) -> Tensor:
+    """W_aug = [W^T; b], (in+1, out) fp32, so that linear(x) = [x, 1] @ W_aug."""
+    weight_t = linear.weight.detach().float().t()  # (in, out)
+    bias = linear.bias.detach().float().unsqueeze(0)  # (1, out)
+    return torch.cat([weight_t, bias], dim=0)
+
+
+def load_augmented(linear: nn.Linear, w_aug: Tensor) -> None:
+    expected = (linear.in_features + 1, linear.out_features)
+    if tuple(w_aug.shape) != expected:
+        raise ValueError(f"map shape {tuple(w_aug.shape)} != {expected}")
+    with torch.no_grad():
+        w_aug = w_aug.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        linear.weight.copy_(w_aug[:-1].t())
+        linear.bias.copy_(w_aug[-1])
+
+
+class Bottleneck(nn.Module):
+    """h -> h + up(act(down(h))), computed in fp32 whatever the base dtype; up starts at zero."""
+
+    def __init__(self, dim: int, bottleneck_dim: int, activation: str) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck_dim, bias=True)
+        self.act = make_activation(activation)
+        self.up = nn.Linear(bottleneck_dim, dim, bias=True)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        x = hidden.to(self.down.weight.dtype)
+        return (x + self.up(self.act(self.down(x)))).to(hidden.dtype)
+
+
+class UnlearningLayer(nn.Module):
+    """One Bottleneck per FFN block; adapters[i] follows block i."""
+
+    def __init__(self, adapters: list[Bottleneck]) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(adapters)
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> UnlearningLayer:
+        """fp32 adapters on the model's device; same (model shape, cfg, seed) gives the same init."""
+        dim, blocks = hidden_size(model), find_ffn_blocks(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            adapters = [Bottleneck(dim, cfg.bottleneck_dim, cfg.activation) for _ in blocks]
+        return cls(adapters).to(device=model_device(model), dtype=torch.float32)
+
+
+class AttachedLayer:
+    """A bottleneck UnlearningLayer hooked onto a model's FFN outputs."""
+
+    kind = KIND
+
+    def __init__(self, model: nn.Module, layer: UnlearningLayer) -> None:
+        blocks = find_ffn_blocks(model)
+        if len(blocks) != len(layer.adapters):
+            raise ValueError(f"layer has {len(layer.adapters)} adapters, model has {len(blocks)} FFN blocks")
+        claim_model(model, self)
+        self.model, self.layer = model, layer
+        self._enabled = True
+        self._handles: list[RemovableHandle] = [
+            block.register_forward_hook(self._hook_for(adapter))
+            for block, adapter in zip(blocks, layer.adapters)
+        ]
+
+    def _hook_for(self, adapter: Bottleneck):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            if not self._enabled:
+                return None  # None keeps the block's own output
+            if isinstance(output, tuple):  # MoE blocks also return router logits
+                return (adapter(output[0]),) + output[1:]
+            return adapter(output)
+
+        return hook
+
+    def detach(self) -> None:
+        """Remove the hooks: the model computes exactly what the base computed before attach."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        release_model(self.model)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Bypass the adapters (teacher passes on the same model object)."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.layer.parameters())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in self.layer.state_dict().items()}
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        self.layer.load_state_dict(tensors, strict=True)
+
+    def linear_maps(self) -> dict[str, nn.Module]:
+        """name -> module whose forward input is that map's X."""
+        maps: dict[str, nn.Module] = {}
+        for i, adapter in enumerate(self.layer.adapters):
+            maps[f"blocks.{i}.down"] = adapter.down
+            maps[f"blocks.{i}.up"] = adapter.up
+        return maps
+
+    def map_weights(self) -> dict[str, Tensor]:
+        """name -> W_aug (in+1, out) fp32 with y = [x, 1] @ W_aug."""
+        return {name: linear_to_augmented(linear) for name, linear in self.linear_maps().items()}
+
+    def load_map_weights(self, maps: dict[str, Tensor]) -> None:
+        own = self.linear_maps()
+        if set(maps) != set(own):
+            raise ValueError(f"map names differ: missing {sorted(set(own) - set(maps))[:3]}, "
+                             f"unexpected {sorted(set(maps) - set(own))[:3]}")
+        for name, linear in own.items():
+            load_augmented(linear, maps[name])
+
+
+def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
+    """Hook `layer` onto `model` (output of FFN block i -> adapters[i](output))."""
+    return AttachedLayer(model, layer)
+
+
+class BottleneckType(LayerType):
+    kind = KIND
+
+    def attach(self, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> AttachedLayer:
+        return attach(model, UnlearningLayer.create(model, cfg, seed))
