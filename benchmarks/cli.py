@@ -133,6 +133,17 @@ def serving(
     execute(run_serving, options, out, threads)
 
 
+@bench_app.command("memorization")
+def memorization(
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "cpu",
+    out: OutOpt = RESULTS_DIR,
+) -> None:
+    """The memorisation check behind a job's outcome, on known and made-up items."""
+    from .memorization import MemorizationOptions, run_memorization
+
+    execute(run_memorization, MemorizationOptions(model=model, cache_dir=models_dir(cache_dir), device=device), out)
+
+
 @bench_app.command("api")
 def api(
     clients: Annotated[int, typer.Option(help="concurrent async clients")] = 50,

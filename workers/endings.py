@@ -16,7 +16,7 @@ log = structlog.get_logger("unlearn.worker")
 
 
 def end_job(
-    ctx: WorkerContext, job_id: str, status: Literal["failed", "cancelled"], *,
+    ctx: WorkerContext, job_id: str, status: Literal["succeeded", "failed", "cancelled"], *,
     reason: str | None = None, only_if_owned: bool = False, **evidence: Any,
 ) -> str:
     """Returns `status` when this call ended the job, 'skipped' when it was not ours to end."""
@@ -35,6 +35,12 @@ def end_job(
 
 def fail(ctx: WorkerContext, job_id: str, reason: str, **evidence: Any) -> str:
     return end_job(ctx, job_id, "failed", reason=reason, **evidence)
+
+
+def not_memorized(ctx: WorkerContext, job_id: str, report: dict[str, Any]) -> str:
+    """Nothing to unlearn: the model did not reproduce the items. Succeeded, no new version, the evidence kept."""
+    return end_job(ctx, job_id, "succeeded", outcome="not_memorized", metrics={"memorization": report},
+                   stage="checked", only_if_owned=True)
 
 
 def cancel(ctx: WorkerContext, job_id: str) -> str:

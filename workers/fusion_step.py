@@ -41,6 +41,7 @@ class FusionJob:
     parent_version: int  # the latest version: this request fuses onto it (0 = the base model)
     parent_manifest_sha256: str | None
     parent_kind: str | None
+    precheck: dict[str, Any]  # metrics the training step measured before training (the memorisation check)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def _read_job(session: Session, job_id: str) -> FusionJob | None:
         job_id=job_id, request_id=job.request_id, tenant=job.tenant, params=dict(request.params),
         forget_rows=list(payload.forget), retain_rows=list(payload.retain), parent_version=parent_version,
         parent_manifest_sha256=parent_row.manifest_sha256 if parent_row else None,
-        parent_kind=parent_row.layer_kind if parent_row else None,
+        parent_kind=parent_row.layer_kind if parent_row else None, precheck=dict(job.metrics or {}),
     )
 
 
@@ -129,7 +130,7 @@ def _fuse_and_verify(ctx: WorkerContext, job: FusionJob, layer: LayerConfig) -> 
     state, fused_maps = fuse(parent_state, trained, job.request_id, fusion_config(ctx.settings))
     forget, retain = parse_examples(job.forget_rows), parse_examples(job.retain_rows)
     metrics, verdict = verify(ctx, layer, parent_maps, fused_maps, forget, retain, job.params)
-    return Candidate(layer, state, fused_maps, metrics, verdict)
+    return Candidate(layer, state, fused_maps, {**job.precheck, **metrics}, verdict)
 
 
 def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate) -> str:
@@ -166,7 +167,7 @@ def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate) -> str:
              "base_sha256": base.source_sha256},
             tenant=job.tenant, request_id=job.request_id,
         )
-        job_states.end(session, row, "succeeded", stage="published", model_version=version,
+        job_states.end(session, row, "succeeded", outcome="forgotten", stage="published", model_version=version,
                        metrics=candidate.metrics, verdict=candidate.verdict,
                        audit_extra={"version_files": version_row.files})
         session.commit()

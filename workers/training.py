@@ -9,17 +9,18 @@ from service.domain import job_states
 from service.domain.db.models import utcnow
 from service.domain.db.session import write_lock
 from service.domain.queue import enqueue_fusion
-from service.domain.repositories import audit, deletion_requests, jobs
+from service.domain.repositories import audit, deletion_requests, jobs, model_versions
 from workers.context import WorkerContext
-from workers.endings import cancel, fail
-from workers.progress import JobProgress, LeaseHeartbeat
+from workers.endings import cancel, fail, not_memorized
+from workers.progress import JobProgress, LeaseHeartbeat, LeaseLost
 from workers.settings_map import layer_config, train_config
 
 log = structlog.get_logger("unlearn.worker")
 
 
 def run_training(ctx: WorkerContext, job_id: str) -> str:
-    """Returns what happened, for logs and tests: 'staged', 'skipped', 'cancelled', 'failed'."""
+    """Returns what happened, for logs and tests: 'staged', 'succeeded' (not memorised: nothing to train),
+    'skipped', 'cancelled', 'failed'."""
     with ctx.session() as session:
         outcome = _lease_for_training(ctx, session, job_id)
         if outcome != "leased":
@@ -38,6 +39,8 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
         tenant, request_id = job.tenant, job.request_id
         forget_rows, retain_rows = list(payload.forget), list(payload.retain)
         method, params = request.method, dict(request.params)
+        latest = model_versions.latest_version(session)  # the lineage this request will be fused onto
+        active = None if latest is None else (latest.version, latest.manifest_sha256)
 
     from workers.engine.data import parse_examples
     from workers.engine.retain import build_retain
@@ -49,6 +52,10 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
         with LeaseHeartbeat(ctx, job_id):  # loading the model and the retain set report no progress
             base = ctx.base
             forget = parse_examples(forget_rows)
+            report = _memorization_report(ctx, active, forget)
+            if not report["memorized"] and not ctx.settings.train_unmemorized:
+                return not_memorized(ctx, job_id, report)
+            _record_metrics(ctx, job_id, {"memorization": report})
             retain = build_retain(
                 parse_examples(retain_rows), ctx.settings.retain_corpus, base.model, base.tokenizer,
                 ctx.settings.models_dir / "retain-cache", model_key=base.source_sha256,
@@ -69,6 +76,31 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
     enqueue_fusion(ctx.celery, job_id)
     log.info("job.trained", job_id=job_id, seconds=round(trained.seconds, 2))
     return "staged"
+
+
+def _memorization_report(ctx: WorkerContext, active: tuple[int, str] | None, forget: list) -> dict:
+    """Does the model this request would change (version, manifest sha256; None = the base) reproduce its
+    items? The evidence for the job's outcome."""
+    from workers.engine.verify.memorization import memorization_report
+    from workers.engine.verify.scoring import to_eval_items
+    from workers.engine.versions import build_serving_model, load_version
+
+    base = ctx.base
+    model = base.model
+    if active is not None:
+        stored = load_version(ctx.store, active[0], base.source_sha256, active[1])
+        model = build_serving_model(base.model, stored.layer, stored.fused_maps)
+    report = memorization_report(model, base.tokenizer, to_eval_items(forget))
+    report["model_version"] = 0 if active is None else active[0]
+    return report
+
+
+def _record_metrics(ctx: WorkerContext, job_id: str, metrics: dict) -> None:
+    with ctx.session() as session:
+        if not jobs.renew_lease(session, job_id, ctx.owner, ctx.settings.job_lease_seconds, metrics=metrics):
+            session.rollback()
+            raise LeaseLost(job_id)
+        session.commit()
 
 
 def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:

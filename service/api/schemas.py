@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.domain.job_states import JobStatus
+from service.domain.job_states import JobStatus, Outcome
 
 
 class Progress(BaseModel):
@@ -29,6 +29,10 @@ class JobOut(BaseModel):
     id: str
     request_id: str
     status: JobStatus
+    outcome: Outcome | None = Field(
+        None, description="Set when succeeded: 'forgotten' (unlearned; model_version serves without the data) or"
+        " 'not_memorized' (the model did not reproduce the data before any change; evidence in metrics.memorization)",
+    )
     stage: str | None
     attempts: int
     cancel_requested: bool

@@ -11,6 +11,7 @@ def job_out(job: Job) -> JobOut:
         id=job.id,
         request_id=job.request_id,
         status=job.status,  # type: ignore[arg-type]
+        outcome=job.outcome,  # type: ignore[arg-type]
         stage=job.stage,
         attempts=job.attempts,
         cancel_requested=job.cancel_requested,

@@ -2,10 +2,11 @@
 ends (status, timestamps, lease, audit event, payload purge). The API and the workers both use it; an
 invalid transition raises InvalidTransition (409), it never writes.
 
-    queued ──lease──> running ──trained, fusion leased──> verifying ──published──> succeeded
+    queued ──lease──> running ──trained, fusion leased──> verifying ──published──> succeeded (forgotten)
       │                  │                                    │
-      │                  ├──> failed                          ├──> failed (verdict, error)
-      └──> cancelled     └──> cancelled                       └──> cancelled
+      │                  ├──> succeeded (not_memorized)       ├──> failed (verdict, error)
+      │                  ├──> failed                          └──> cancelled
+      └──> cancelled     └──> cancelled
       └──> failed (gave up)
 
 `running -> running` and `verifying -> verifying` are lease takeovers (a dead worker's job resumed).
@@ -23,6 +24,10 @@ from service.domain.errors import Conflict
 from service.domain.repositories import audit, deletion_requests
 
 JobStatus = Literal["queued", "running", "verifying", "succeeded", "failed", "cancelled"]
+# What a succeeded job established: the items were unlearned and a version without them serves, or the
+# model never reproduced them (evidence in the job's metrics) and nothing needed to change.
+Outcome = Literal["forgotten", "not_memorized"]
+OUTCOMES: tuple[Outcome, ...] = ("forgotten", "not_memorized")
 ACTIVE: tuple[JobStatus, ...] = ("queued", "running", "verifying")
 ENDED: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
@@ -47,13 +52,17 @@ def check_transition(from_status: str, to_status: str) -> None:
 
 def end(
     session: Session, job: Job, status: Literal["succeeded", "failed", "cancelled"], *, actor: str | None = None,
-    reason: str | None = None, metrics: dict[str, Any] | None = None,
+    outcome: Outcome | None = None, reason: str | None = None, metrics: dict[str, Any] | None = None,
     verdict: dict[str, Any] | None = None, model_version: int | None = None, stage: str | None = None,
     audit_extra: dict[str, Any] | None = None,
 ) -> None:
-    """End `job` with `status`: the row, the `job.<status>` audit event (with the reason and evidence),
-    then the purge of the raw forget payload (its own `payload.purged` event)."""
+    """End `job` with `status`: the row, the `job.<status>` audit event (with the outcome, reason and
+    evidence), then the purge of the raw forget payload (its own `payload.purged` event). A succeeded job
+    names its outcome; no other ending has one."""
     check_transition(job.status, status)
+    if (status == "succeeded") != (outcome is not None) or (outcome is not None and outcome not in OUTCOMES):
+        raise ValueError(f"a '{status}' job cannot have outcome {outcome!r}; succeeded jobs take one of {OUTCOMES}")
+    job.outcome = outcome
     job.status, job.finished_at = status, utcnow()
     job.lease_owner, job.lease_expires_at = None, None
     if stage is not None:
@@ -67,7 +76,8 @@ def end(
     if model_version is not None:
         job.model_version = model_version
     payload: dict[str, Any] = {"job_id": job.id, "request_id": job.request_id}
-    evidence = {"model_version": model_version, "reason": reason, "metrics": metrics, "verdict": verdict}
+    evidence = {"outcome": outcome, "model_version": model_version, "reason": reason, "metrics": metrics,
+                "verdict": verdict}
     payload.update({k: v for k, v in evidence.items() if v is not None})
     payload.update(audit_extra or {})
     audit.append_event(session, f"job.{status}", payload, actor=actor, tenant=job.tenant, request_id=job.request_id)

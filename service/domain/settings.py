@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     method: Literal[METHODS] = "eul"
     layer: Literal[LAYER_KINDS] = "bottleneck"
     train_steps: int = Field(40, ge=1, le=5000)
+    # Before training, a job checks whether the active model reproduces the forget items at all; if none is
+    # memorised it ends succeeded / not_memorized with that evidence and no new version. True: train anyway.
+    train_unmemorized: bool = False
     retain_corpus: Path | None = None  # operator JSONL of retain examples
     fusion_ridge: float = Field(1e-3, gt=0, le=10)
     thresholds: dict[str, float] = Field(default_factory=dict)  # verdict thresholds (JSON), see verify/verdict.py

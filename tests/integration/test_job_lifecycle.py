@@ -3,6 +3,7 @@ a real unlearning layer on a tiny random model, on SQLite and PostgreSQL, with r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,50 @@ def test_worker_takes_job_from_queued_to_succeeded_with_progress(api, make_key, 
     assert types[0] == "request.received" and "job.started" in types and "job.progress" in types
     assert types[-3:] == ["version.published", "job.succeeded", "payload.purged"]
     assert api.get("/v1/audit/verify", headers=make_key(role="auditor")).json()["valid"] is True
+
+
+NEVER_SEEN = {
+    **BODY, "subject_ref": "case-unseen",
+    "forget": [{"text": "Orla Fenwick's locker code at Brindle Gym is 4471."},
+               {"prompt": "What badge number does Tessa Quill wear?",
+                "answer": "Tessa Quill wears badge number 55821."}],
+}
+
+
+def audit_payloads(db_url: str, job_id: str) -> dict[str, dict]:
+    with session_scope(db_url) as session:
+        events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+        return {e.event_type: json.loads(e.payload) for e in events if json.loads(e.payload).get("job_id") == job_id}
+
+
+def test_data_the_model_never_memorised_ends_not_memorized_without_training_or_a_version(api, make_key, worker):
+    headers = make_key()
+    created = api.post("/v1/deletion-requests", json=NEVER_SEEN, headers=headers).json()
+    job = poll_until_ended(api, headers, created["job"]["id"])[2]
+
+    assert (job["status"], job["outcome"], job["model_version"]) == ("succeeded", "not_memorized", None)
+    evidence = job["metrics"]["memorization"]
+    assert evidence["memorized"] is False and evidence["n_items"] == 2 and evidence["model_version"] == 0
+    assert job["progress"]["step"] == 0  # nothing was trained
+    request = api.get(f"/v1/deletion-requests/{created['id']}", headers=headers).json()
+    assert request["job"]["outcome"] == "not_memorized"
+    assert api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()["active_version"] == 0
+    events = audit_payloads(api.settings.db_url, job["id"])
+    assert events["job.succeeded"]["outcome"] == "not_memorized"
+    assert events["job.succeeded"]["metrics"]["memorization"] == evidence
+    assert "payload.purged" in events and "version.published" not in events
+    assert "Fenwick" not in json.dumps(events) and "55821" not in json.dumps(events)
+
+
+def test_data_the_model_memorised_ends_forgotten_with_the_memorisation_evidence(api, make_key, worker):
+    headers = make_key()
+    job_id = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()["job"]["id"]
+    job = poll_until_ended(api, headers, job_id)[2]
+
+    assert (job["status"], job["outcome"], job["model_version"]) == ("succeeded", "forgotten", 1), job["error"]
+    assert job["metrics"]["memorization"]["memorized"] is True
+    assert job["metrics"]["after"]["forget"] and job["verdict"]["passed"] is True
+    assert audit_payloads(api.settings.db_url, job_id)["job.succeeded"]["outcome"] == "forgotten"
 
 
 def test_second_request_fuses_onto_the_first(api, make_key, worker):

@@ -42,3 +42,13 @@ def test_an_invalid_ending_raises_a_409_before_writing_anything():
     with pytest.raises(InvalidTransition) as raised:
         job_states.end(None, job, "cancelled")  # type: ignore[arg-type]  (no session: nothing may be written)
     assert raised.value.status_code == 409 and job.status == "succeeded"
+
+
+@pytest.mark.parametrize("status,outcome", [
+    ("succeeded", None), ("failed", "forgotten"), ("cancelled", "not_memorized"), ("succeeded", "maybe"),
+])
+def test_only_a_succeeded_job_has_an_outcome_and_it_is_a_known_one(status, outcome):
+    job = Job(id="j1", request_id="r1", tenant="acme", status="running")
+    with pytest.raises(ValueError):
+        job_states.end(None, job, status, outcome=outcome)  # type: ignore[arg-type]
+    assert job.status == "running"

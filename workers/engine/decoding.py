@@ -91,6 +91,28 @@ def greedy_generate(
     return _generate(model, prompts, max_new_tokens, pad_id, stops, batch_size, lambda logits: logits.argmax(-1))
 
 
+def sample_generate(
+    model: nn.Module,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    seed: int,
+    pad_id: int = 0,
+    stops: Collection[int] = frozenset(),
+    batch_size: int = 8,
+    temperature: float = 1.0,
+) -> list[list[int]]:
+    """New token ids per prompt, sampled from softmax(logits / temperature) with a seeded generator."""
+    import torch
+
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+    def choose(logits: Tensor) -> Tensor:  # (B, V) -> (B,)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return _generate(model, prompts, max_new_tokens, pad_id, stops, batch_size, choose)
+
+
 def _generate(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, pad_id: int,
               stops: Collection[int], batch_size: int, choose: Callable[[Tensor], Tensor]) -> list[list[int]]:
     outputs: list[list[int]] = []

@@ -111,6 +111,7 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     model_version: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # succeeded jobs: forgotten | not_memorized
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     trained_at: Mapped[datetime | None]

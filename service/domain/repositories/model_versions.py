@@ -12,6 +12,11 @@ def latest_version_number(session: Session) -> int:
     return session.scalar(select(func.max(ModelVersion.version))) or 0
 
 
+def latest_version(session: Session) -> ModelVersion | None:
+    """The newest published version (the lineage new requests are fused onto); None: only the base model."""
+    return session.scalar(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(1))
+
+
 def get_version(session: Session, version: int) -> ModelVersion | None:
     return session.get(ModelVersion, version)
 
