@@ -38,7 +38,8 @@ class FusionJob:
     params: dict[str, Any]
     forget_rows: list[dict[str, Any]]
     retain_rows: list[dict[str, Any]]
-    parent_version: int  # the latest version: this request fuses onto it (0 = the base model)
+    parent_version: int  # the active version: this request fuses onto its lineage (0 = the base model)
+    version: int  # the number the new version gets: one past the latest, whichever lineage that was on
     parent_manifest_sha256: str | None
     parent_kind: str | None
     precheck: dict[str, Any]  # metrics the training step measured before training (the memorisation check)
@@ -88,8 +89,8 @@ def run_fusion(ctx: WorkerContext, job_id: str) -> str:
             return fail(ctx, job_id, f"layer '{layer.kind}' cannot fuse onto the served chain of "
                                      f"'{fusion_job.parent_kind}' layers")
         candidate = _fuse_and_verify(ctx, fusion_job, layer)
-        if ctx.store.exists(fusion_job.parent_version + 1):
-            _remove_orphan(ctx, fusion_job.parent_version + 1)
+        if ctx.store.exists(fusion_job.version):
+            _remove_orphan(ctx, fusion_job.version)
         if not candidate.passed:
             reason = "verification failed: " + "; ".join(candidate.verdict["reasons"])  # >= 1 reason when failed
             return fail(ctx, job_id, reason, metrics=candidate.metrics, verdict=candidate.verdict)
@@ -103,11 +104,12 @@ def _read_job(session: Session, job_id: str) -> FusionJob | None:
     payload = deletion_requests.get_payload(session, job.request_id)
     if payload is None:
         return None
-    parent_version = model_versions.latest_version_number(session)
+    parent_version = model_versions.active_version(session)
     parent_row = model_versions.get_version(session, parent_version) if parent_version else None
     return FusionJob(
         job_id=job_id, request_id=job.request_id, tenant=job.tenant, params=dict(request.params),
         forget_rows=list(payload.forget), retain_rows=list(payload.retain), parent_version=parent_version,
+        version=model_versions.latest_version_number(session) + 1,
         parent_manifest_sha256=parent_row.manifest_sha256 if parent_row else None,
         parent_kind=parent_row.layer_kind if parent_row else None, precheck=dict(job.metrics or {}),
     )
@@ -138,7 +140,7 @@ def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate) -> str:
     from workers.engine.store import FUSED_MAPS, FUSION_STATE
     from workers.engine.versions import new_manifest
 
-    version, base = job.parent_version + 1, ctx.base
+    version, base = job.version, ctx.base
     manifest = new_manifest(job.parent_version, base.name, base.source_sha256, candidate.layer,
                             list(candidate.state.request_ids), job.job_id)
     files_out = {FUSED_MAPS: candidate.fused_maps, FUSION_STATE: state_to_tensors(candidate.state)}
@@ -149,7 +151,9 @@ def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate) -> str:
         write_lock(session)
         row = jobs.get_job(session, job.job_id)
         still_ours = row.lease_owner == ctx.owner and not row.cancel_requested
-        if not still_ours or model_versions.latest_version_number(session) != job.parent_version:
+        moved = (model_versions.active_version(session) != job.parent_version
+                 or model_versions.latest_version_number(session) != job.version - 1)
+        if not still_ours or moved:  # an activation or another publish since we read: fuse again later
             session.rollback()
             _remove_orphan(ctx, version)
             return cancel(ctx, job.job_id) if row.cancel_requested else "skipped"

@@ -39,8 +39,8 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
         tenant, request_id = job.tenant, job.request_id
         forget_rows, retain_rows = list(payload.forget), list(payload.retain)
         method, params = request.method, dict(request.params)
-        latest = model_versions.latest_version(session)  # the lineage this request will be fused onto
-        active = None if latest is None else (latest.version, latest.manifest_sha256)
+        lineage = model_versions.get_version(session, model_versions.active_version(session))
+        active = None if lineage is None else (lineage.version, lineage.manifest_sha256)  # what we fuse onto
 
     from workers.engine.data import parse_examples
     from workers.engine.retain import build_retain

@@ -12,8 +12,10 @@ from service.domain.repositories import audit, model_versions
 
 
 def activate(session: Session, principal: Principal, version: int) -> None:
-    """Serve `version` (0 = the base model). Serving a version older than the latest re-exposes what later
-    requests removed: the audit event lists those requests (`reexposed_request_ids`)."""
+    """Serve `version` (0 = the base model) and make it the lineage new requests are fused onto: a rollback
+    sticks, and what it rolled away from comes back only by activating that version again. Moving to a
+    version without some of the active version's requests re-exposes what they removed: the audit event
+    lists those requests (`reexposed_request_ids`)."""
     write_lock(session)
     if version != 0 and model_versions.get_version(session, version) is None:
         raise NotFound(f"model version {version} not found", param="version")
@@ -22,6 +24,6 @@ def activate(session: Session, principal: Principal, version: int) -> None:
     audit.append_event(
         session, "version.activated",
         {"version": version, "previous_version": previous,
-         "reexposed_request_ids": model_versions.requests_not_in(session, version)},
+         "reexposed_request_ids": model_versions.requests_not_in(session, version, than=previous)},
         actor=principal.key_id, tenant=principal.tenant,
     )

@@ -18,7 +18,9 @@ from service.domain.db.session import session_scope
 
 pytestmark = pytest.mark.integration
 
-SECOND_FORGET = [{"text": "Nikolai Abilov wrote the novel Thieves' Paradise in the spring of 1987 in Astana."}]
+SECOND_FORGET = [{"text": "Nikolai Abilov wrote the novel Thieves' Paradise in the spring of 1987 in Astana."},
+                 {"prompt": "Which novel did Nikolai Abilov write?",
+                  "answer": "Nikolai Abilov wrote Thieves' Paradise."}]
 BODY = {
     "subject_ref": "case-7",
     "reason": "gdpr_art17",
@@ -161,3 +163,27 @@ def test_second_request_fuses_onto_the_first(api, make_key, worker):
     versions = api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()
     assert versions["active_version"] == 2
     assert len(versions["data"][2]["request_ids"]) == 2
+
+
+def test_after_a_rollback_new_requests_build_on_the_rolled_back_version(api, make_key, worker):
+    headers, admin = make_key(), make_key(role="admin", tenant="ops")
+
+    def forget(subject_ref: str, items: list[dict]) -> dict:
+        created = api.post("/v1/deletion-requests", json={**BODY, "subject_ref": subject_ref, "forget": items},
+                           headers=headers).json()
+        job = poll_until_ended(api, headers, created["job"]["id"])[2]
+        assert job["status"] == "succeeded", job["error"]
+        return {"request_id": created["id"], "version": job["model_version"]}
+
+    first, second = forget("case-a", BODY["forget"]), forget("case-b", SECOND_FORGET)
+    assert (first["version"], second["version"]) == (1, 2)
+    assert api.post("/v1/model-versions/1/activate", headers=admin).status_code == 200  # roll back past case-b
+    # the officer resubmits what case-b asked for (version 1 still knows it): the new version builds on 1
+    third = forget("case-c", SECOND_FORGET)
+
+    versions = api.get("/v1/model-versions", headers=admin).json()
+    assert third["version"] == 3 and versions["active_version"] == 3
+    newest = versions["data"][3]
+    assert newest["parent_version"] == 1  # built on the rollback, not on the latest version
+    assert set(newest["request_ids"]) == {first["request_id"], third["request_id"]}  # case-b stays rolled away
+    assert second["request_id"] not in newest["request_ids"]

@@ -39,10 +39,12 @@ def list_model_versions(session: SessionDep, settings: SettingsDep, principal: A
 def activate_model_version(
     version: int = Path(ge=0, le=10_000_000), *, session: SessionDep, settings: SettingsDep, principal: AdminDep,
 ) -> ModelVersionList:
-    """Serve another version (rollback or roll forward). New requests still fuse onto the latest version.
+    """Serve another version (rollback or roll forward); new requests are then fused onto it, so a rollback
+    sticks (a new request's version has `parent_version` = the active one and never brings back what the
+    rollback removed).
 
-    Serving a version older than the latest re-exposes what the later requests removed; the audit event
-    lists those requests (`reexposed_request_ids`)."""
+    Moving to a version without some of the active version's requests re-exposes what they removed; the
+    audit event lists those requests (`reexposed_request_ids`)."""
     versions.activate(session, principal, version)
     session.commit()
     announce_version(settings, version)

@@ -12,11 +12,6 @@ def latest_version_number(session: Session) -> int:
     return session.scalar(select(func.max(ModelVersion.version))) or 0
 
 
-def latest_version(session: Session) -> ModelVersion | None:
-    """The newest published version (the lineage new requests are fused onto); None: only the base model."""
-    return session.scalar(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(1))
-
-
 def get_version(session: Session, version: int) -> ModelVersion | None:
     return session.get(ModelVersion, version)
 
@@ -25,12 +20,13 @@ def list_versions(session: Session) -> list[ModelVersion]:
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.version)))
 
 
-def requests_not_in(session: Session, version: int) -> list[str]:
-    """Ids of requests fused into the latest version but not into `version`: what serving it re-exposes."""
-    latest = get_version(session, latest_version_number(session))
+def requests_not_in(session: Session, version: int, than: int) -> list[str]:
+    """Ids of requests fused into version `than` but not into `version`: what moving from `than` to
+    `version` re-exposes."""
+    source = get_version(session, than) if than else None
     target = get_version(session, version) if version else None
     kept = set(target.request_ids) if target is not None else set()
-    return [rid for rid in (latest.request_ids if latest is not None else []) if rid not in kept]
+    return [rid for rid in (source.request_ids if source is not None else []) if rid not in kept]
 
 
 def add_version(session: Session, version: ModelVersion) -> ModelVersion:
