@@ -29,7 +29,6 @@ A request is worth unlearning only if at least one item is memorised: otherwise 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,7 +37,7 @@ from torch import nn
 
 from ..decoding import sample_generate, stop_token_ids
 from .extraction import generations, rouge_l_recall, split_text
-from .scoring import Encoded, EvalItem, answer_ids, pad_token_id, prompt_ids, score_encodings
+from .scoring import Encoded, EvalItem, answer_ids, pad_token_id, prompt_ids, safe_exp, score_encodings
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def item_evidence(model: nn.Module, tokenizer: Any, items: list[EvalItem],
             samples_reproducing = len(sampled) - len(refs)
             target_nll, *ref_nll = _new_token_nll(model, tokenizer, cue, cue_texts[index], [target, *refs],
                                                   cfg.batch_size)
-            ratio = math.exp(min(target_nll - sum(ref_nll) / len(ref_nll), 700.0)) if ref_nll else None
+            ratio = safe_exp(target_nll - sum(ref_nll) / len(ref_nll)) if ref_nll else None
             evidence.append(ItemEvidence(
                 reproduction=round(reproduction, 4), truth_ratio=None if ratio is None else round(ratio, 4),
                 target_nll=round(target_nll, 4),
