@@ -144,6 +144,24 @@ def memorization(
     execute(run_memorization, MemorizationOptions(model=model, cache_dir=models_dir(cache_dir), device=device), out)
 
 
+@bench_app.command("selectivity")
+def selectivity(
+    subjects: Annotated[int, typer.Option(help="how many of the built-in subjects (people and places)")] = 6,
+    arms: Annotated[str, typer.Option(help="comma list of method:retain (retain: generic | neighbourhood)")]
+    = "eul:generic,eul:neighbourhood",
+    steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "cpu",
+    out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
+) -> None:
+    """Forget one subject, keep everyone else: forget / held-out / neighbour / general drop per arm."""
+    from .selectivity import SelectivityOptions, run_selectivity
+
+    options = SelectivityOptions(model=model, cache_dir=models_dir(cache_dir), subjects=subjects, arms=split(arms),
+                                 steps=steps, device=device, max_new_tokens=max_new_tokens)
+    execute(run_selectivity, options, out, threads)
+
+
 @bench_app.command("api")
 def api(
     clients: Annotated[int, typer.Option(help="concurrent async clients")] = 50,

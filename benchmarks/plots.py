@@ -81,7 +81,25 @@ def bar_plot(labels: Sequence[str], values: Sequence[float], ylabel: str, title:
     ax.bar(list(labels), list(values))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def scatter_points(path: Path, points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str,
+                   title: str) -> Path:
+    """One labelled point per (label, x, y)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, x, y in points:
+        ax.scatter(x, y, s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(plt, fig, path)

@@ -45,6 +45,22 @@ class WorkerContext:
 
         return load_base_model(self.settings.model, self.settings.models_dir, device=self.settings.device)
 
+    @property
+    def answer_cache_dir(self):
+        """Where the base model's answers to built-in and operator questions are cached (retain.py)."""
+        return self.settings.models_dir / "retain-cache"
+
+    def neighbourhood(self, forget):
+        """The request's neighbourhood (engine neighbours.py): the same call in training (its `train` part
+        joins the retain set) and in verification (its `probe` part is the neighbour check), answered by
+        the base model; cached answers make the second call cheap."""
+        from workers.engine.neighbours import Neighbourhood, build_neighbourhood
+
+        if not self.settings.neighbourhood:
+            return Neighbourhood("off", [], [])
+        return build_neighbourhood(self.base.model, self.base.tokenizer, forget, self.answer_cache_dir,
+                                   model_key=self.base.source_sha256)
+
 
 def make_context(celery: Celery) -> WorkerContext:
     return WorkerContext(settings=get_settings(), celery=celery)

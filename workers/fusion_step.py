@@ -131,7 +131,8 @@ def _fuse_and_verify(ctx: WorkerContext, job: FusionJob, layer: LayerConfig) -> 
         parent_maps = parent.fused_maps
     state, fused_maps = fuse(parent_state, trained, job.request_id, fusion_config(ctx.settings))
     forget, retain = parse_examples(job.forget_rows), parse_examples(job.retain_rows)
-    metrics, verdict = verify(ctx, layer, parent_maps, fused_maps, forget, retain, job.params)
+    probe = ctx.neighbourhood(forget).probe if ctx.settings.neighbourhood else None
+    metrics, verdict = verify(ctx, layer, parent_maps, fused_maps, forget, retain, job.params, probe)
     return Candidate(layer, state, fused_maps, {**job.precheck, **metrics}, verdict)
 
 
@@ -201,10 +202,10 @@ def _remove_orphan(ctx: WorkerContext, version: int) -> None:
 def summarise(metrics: dict) -> dict:
     """Headline numbers for the version list (the job keeps the full set)."""
     out = {}
-    for section in ("forget", "retain", "general"):
+    for section in ("forget", "retain", "general", "neighbours"):
         after = (metrics.get("after") or {}).get(section) or {}
         before = (metrics.get("before") or {}).get(section) or {}
-        for key in ("nll", "ppl"):
+        for key in ("nll", "ppl", "rougeL"):
             if key in after:
                 out[f"{section}_{key}_before"] = before.get(key)
                 out[f"{section}_{key}_after"] = after.get(key)

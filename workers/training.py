@@ -55,10 +55,11 @@ def run_training(ctx: WorkerContext, job_id: str) -> str:
             report = _memorization_report(ctx, active, forget)
             if not report["memorized"] and not ctx.settings.train_unmemorized:
                 return not_memorized(ctx, job_id, report)
-            _record_metrics(ctx, job_id, {"memorization": report})
+            neighbourhood = ctx.neighbourhood(forget)
+            _record_metrics(ctx, job_id, {"memorization": report, "neighbourhood": neighbourhood.summary()})
             retain = build_retain(
                 parse_examples(retain_rows), ctx.settings.retain_corpus, base.model, base.tokenizer,
-                ctx.settings.models_dir / "retain-cache", model_key=base.source_sha256,
+                ctx.answer_cache_dir, model_key=base.source_sha256, neighbours=neighbourhood.train,
             )
             trained = train_request(
                 base, forget, retain, layer_config(ctx.settings, params), train_config(ctx.settings, method, params),

@@ -1,5 +1,6 @@
 """Task glue for verification: metrics before (the parent version) vs after (the new fused version) on the
-request's forget and retain items and the built-in general set, then the thresholded verdict."""
+request's forget and retain items, its neighbour probe set and the built-in general set, then the
+thresholded verdict."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ def operator_thresholds(settings: Settings):
 def verify(
     ctx: WorkerContext, layer_cfg: LayerConfig, parent_maps: dict[str, torch.Tensor] | None,
     fused_maps: dict[str, torch.Tensor], forget: list[Example], retain: list[Example], params: dict[str, Any],
+    neighbours: list[Example] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics {"before", "after", "relearn"?}, verdict dict). The base model itself is never modified."""
+    """(metrics {"before", "after", "relearn"?}, verdict dict). The base model itself is never modified.
+
+    neighbours: the request's neighbour probe set (None: no neighbour check)."""
     from workers.engine.verify import evaluate, general_set, judge, relearn_probe
     from workers.engine.versions import build_serving_model
 
@@ -34,10 +38,12 @@ def verify(
     # a difference of kind, not of membership: read PrivLeak (change vs before) rather than the raw AUC.
     holdout = retain if len(retain) >= 2 else general
     before_model = base.model if parent_maps is None else build_serving_model(base.model, layer_cfg, parent_maps)
-    before = evaluate(before_model, base.tokenizer, forget, retain, general, holdout, reference_model=base.model)
+    before = evaluate(before_model, base.tokenizer, forget, retain, general, holdout, reference_model=base.model,
+                      neighbours=neighbours)
     del before_model
     after_model = build_serving_model(base.model, layer_cfg, fused_maps)
-    after = evaluate(after_model, base.tokenizer, forget, retain, general, holdout, reference_model=base.model)
+    after = evaluate(after_model, base.tokenizer, forget, retain, general, holdout, reference_model=base.model,
+                     neighbours=neighbours)
     metrics: dict[str, Any] = {"before": before, "after": after}
     if params.get("relearn_check"):
         metrics["relearn"] = relearn_probe(after_model, base.tokenizer, None, forget)

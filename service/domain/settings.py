@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # memorised it ends succeeded / not_memorized with that evidence and no new version. True: train anyway.
     train_unmemorized: bool = False
     retain_corpus: Path | None = None  # operator JSONL of retain examples
+    # Each request's retain set gets its neighbourhood (other subjects of the same kind, answered by the base
+    # model) and its verdict a neighbour check on a disjoint probe set. False: generic retain only, no check.
+    neighbourhood: bool = True
     fusion_ridge: float = Field(1e-3, gt=0, le=10)
     thresholds: dict[str, float] = Field(default_factory=dict)  # verdict thresholds (JSON), see verify/verdict.py
 

@@ -2,18 +2,14 @@
 a world fact; and the full deletion flow (API -> worker -> fused version -> hot swap) makes it stop giving
 one fact's answer while ten untouched facts it answered before are still answered.
 
-The dequantized model is built once per run (~20 s); set UNLEARN_TEST_MODELS_DIR to reuse one across runs.
+The dequantized model is built once per run (~20 s, tests/e2e/conftest.py); set UNLEARN_TEST_MODELS_DIR to
+reuse one across runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -21,16 +17,10 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.live_server import LiveServer, create_key, serving
-from workers.engine.loading import DEFAULT_MODEL
+from tests.e2e.live_model import ask, real_model_settings, wait_for_job
+from tests.integration.live_server import create_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    shared = os.environ.get("UNLEARN_TEST_MODELS_DIR")
-    return Path(shared) if shared else tmp_path_factory.mktemp("models")
 
 
 def world_facts() -> list[dict]:
@@ -55,30 +45,7 @@ def retain_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(make_settings, sqlite_url: str, redis_url: str, models_dir: Path, retain_corpus: Path):
-    settings = make_settings(model=DEFAULT_MODEL, database_url=sqlite_url, redis_url=redis_url, serving_poll_seconds=1,
-                             retain_corpus=retain_corpus)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    (settings.data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    return settings
-
-
-@pytest.fixture
-def server(settings) -> Iterator[LiveServer]:
-    with serving(settings) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer, sqlite_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=create_key(sqlite_url, "inference"), max_retries=0,
-                         timeout=120)
-
-
-def ask(client: openai.OpenAI, question: str, max_tokens: int = 40) -> str:
-    completion = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
-    )
-    return completion.choices[0].message.content
+    return real_model_settings(make_settings, sqlite_url, redis_url, models_dir, retain_corpus=retain_corpus)
 
 
 def test_real_model_answers_the_capital_of_australia(client):
@@ -87,32 +54,6 @@ def test_real_model_answers_the_capital_of_australia(client):
 
 def answered(client: openai.OpenAI, fact: dict) -> bool:
     return fact["answer"].lower() in ask(client, fact["question"]).lower()
-
-
-@pytest.fixture
-def worker(server: LiveServer, tmp_path: Path) -> Iterator[subprocess.Popen]:
-    """`unlearn worker` as its own process, configured by the UNLEARN_* environment make_settings exported."""
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "service", "worker"], env=dict(os.environ), stdout=log,
-                               stderr=subprocess.STDOUT)
-    yield process
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
-
-
-def wait_for_job(server: LiveServer, headers: dict, job_id: str, timeout: float = 1800) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=headers).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(2)
-    raise TimeoutError(f"job {job_id} did not end in {timeout}s")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("workers.engine.unlearn") is None,

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -98,3 +101,21 @@ def redis_url_for_module(data_dir: Path) -> Iterator[str]:
     embedded = EmbeddedRedis(data_dir / "redis-data")
     yield embedded.start()
     embedded.stop()
+
+
+@contextmanager
+def worker_process(log_path: Path, stop_timeout: float = 30) -> Iterator[subprocess.Popen]:
+    """`unlearn worker` as its own OS process, configured by the UNLEARN_* environment make_settings exported;
+    stopped with SIGTERM afterwards, its log's tail printed (pytest shows it for a failing test)."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service", "worker"], env=dict(os.environ), stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    print(log_path.read_text(errors="replace")[-3000:])

@@ -271,6 +271,8 @@ def _chaos(tmp_path: Path, make_settings, db_url: str, chaos_redis: RestartableR
         # these tests are about delivery and recovery: every job trains, whatever the memorisation check says
         # (on a tiny model that memorised 11 facts at once, some are only weakly memorised)
         train_unmemorized=True,
+        # and no neighbourhood: a tiny model that memorised 11 facts has none to keep (test_job_lifecycle)
+        neighbourhood=False,
         requeue_queued_after_seconds=overrides.pop("requeue_queued_after_seconds", 120),
         progress_interval_seconds=0.2, **overrides,
     )

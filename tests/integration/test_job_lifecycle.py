@@ -4,9 +4,6 @@ a real unlearning layer on a tiny random model, on SQLite and PostgreSQL, with r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from sqlalchemy import select
 
 from service.domain.db.models import AuditEvent, ForgetPayload
 from service.domain.db.session import session_scope
+from tests.integration.live_server import worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +44,21 @@ def memorising_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def api(make_settings, db_url: str, redis_url: str, memorising_model: Path):
+def neighbourhood() -> bool:
+    """Off for the lifecycle tests: a 2-layer model that memorised a dozen facts has no neighbourhood to
+    keep (forgetting any of them changes all its answers, measured: neighbour drop 0.56). The check itself
+    is tested below, and selectivity on the real model in tests/e2e/test_selectivity.py."""
+    return False
+
+
+@pytest.fixture
+def api(make_settings, db_url: str, redis_url: str, memorising_model: Path, neighbourhood: bool):
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
 
-    settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorising_model))
+    settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorising_model),
+                             neighbourhood=neighbourhood)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         client.settings = settings  # type: ignore[attr-defined]
         yield client
@@ -59,20 +66,8 @@ def api(make_settings, db_url: str, redis_url: str, memorising_model: Path):
 
 @pytest.fixture
 def worker(api, tmp_path: Path):
-    """`unlearn worker` as its own OS process, configured through the same UNLEARN_* environment."""
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "worker"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT
-    )
-    yield process
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    if process.returncode not in (0, -15, None):
-        print((tmp_path / "worker.log").read_text()[-5000:])
+    with worker_process(tmp_path / "worker.log", stop_timeout=20) as process:
+        yield process
 
 
 def poll_until_ended(api, headers, job_id: str, timeout: float = 240) -> tuple[list[str], list[int], dict]:
@@ -149,6 +144,23 @@ def test_data_the_model_memorised_ends_forgotten_with_the_memorisation_evidence(
     assert job["metrics"]["memorization"]["memorized"] is True
     assert job["metrics"]["after"]["forget"] and job["verdict"]["passed"] is True
     assert audit_payloads(api.settings.db_url, job_id)["job.succeeded"]["outcome"] == "forgotten"
+
+
+@pytest.mark.parametrize("neighbourhood", [True])
+def test_a_job_that_takes_the_neighbours_along_fails_with_that_reason(api, make_key, worker):
+    headers = make_key()
+    params = {**BODY["params"], "thresholds": {**BODY["params"]["thresholds"], "max_neighbour_drop": 0.1}}
+    job_id = api.post("/v1/deletion-requests", json={**BODY, "params": params}, headers=headers).json()["job"]["id"]
+    job = poll_until_ended(api, headers, job_id)[2]
+
+    assert (job["status"], job["model_version"]) == ("failed", None)
+    assert "neighbour_rougeL_drop" in job["error"] and "required <= 0.1" in job["error"]
+    check = job["verdict"]["checks"]["neighbour_rougeL_drop"]
+    assert check["ok"] is False and check["value"] > check["limit"] == 0.1
+    before, after = job["metrics"]["before"]["neighbours"], job["metrics"]["after"]["neighbours"]
+    assert before["n"] == after["n"] > 0 and after["rougeL"] < before["rougeL"]
+    assert job["metrics"]["neighbourhood"]["n_probe"] == before["n"]
+    assert api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()["active_version"] == 0
 
 
 def test_second_request_fuses_onto_the_first(api, make_key, worker):

@@ -46,7 +46,8 @@ def fresh_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a fresh machine: only a data dir and a (memorising, tiny) model are set."""
     model = memorising_tiny_model(tmp_path / "model", FORGET)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_")}
-    env.update(UNLEARN_DATA_DIR=str(tmp_path / "data"), UNLEARN_MODEL=str(model), UNLEARN_DEVICE="cpu")
+    env.update(UNLEARN_DATA_DIR=str(tmp_path / "data"), UNLEARN_MODEL=str(model), UNLEARN_DEVICE="cpu",
+               UNLEARN_NEIGHBOURHOOD="false")  # a tiny model has no neighbourhood to keep (test_job_lifecycle)
     return env
 
 

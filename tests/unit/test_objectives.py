@@ -22,6 +22,7 @@ from workers.engine.objectives import (
     NPOWeights,
     ObjectiveInputs,
     Stream,
+    UNDIALWeights,
     get_objective,
 )
 from workers.engine.objectives.base import (
@@ -306,6 +307,42 @@ def test_npo_at_the_reference_is_two_log_two_over_beta():
     forget = stream(50, teacher_seed=50)
     out = get_objective("npo")(ObjectiveInputs({FORGET: forget, RETAIN: stream(52)}), NPOWeights(1.0, 0.0, 0.1))
     assert out.total.item() == pytest.approx(2 * math.log(2) / 0.1, rel=1e-5)
+
+
+def hand_undial_ce(teacher, student, b, t, y, beta) -> float:
+    lowered = teacher[b, t].clone()
+    lowered[y] -= beta
+    target = torch.softmax(lowered, dim=-1)
+    return float(-(target * log_softmax(student[b, t])).sum())
+
+
+def test_undial_matches_hand_computed_value():
+    forget, retain = stream(80, teacher_seed=81), stream(82, teacher_seed=83)
+    w = UNDIALWeights(forget=1.0, kl_retain=2.0, lm_retain=0.5, beta=3.0, shared_token=1.0)
+    out = get_objective("undial")(ObjectiveInputs({FORGET: forget, RETAIN: retain}), w)
+    ce = sum(hand_undial_ce(forget.teacher, forget.student, b, t, y, 3.0) for b, t, y in SCORED) / len(SCORED)
+    kl = sum(hand_kl_token(retain.teacher, retain.student, b, t) for b, t, _ in SCORED) / len(SCORED)
+    expected = ce + 2.0 * kl + 0.5 * hand_nll(retain.student)
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_undial_forget_term_is_smallest_at_the_adjusted_teacher():
+    """Its minimum is a fixed target, not "as unlikely as possible": a student equal to the teacher with the
+    label's logit lowered by beta has zero gradient there, and lowering it further costs more."""
+    from workers.engine.objectives.undial import adjusted_targets, distillation_ce
+
+    teacher = fixed_logits(90)
+    at_target = teacher.clone()
+    for b, t, y in SCORED:
+        at_target[b, t, y] -= 3.0
+    student = at_target.clone().requires_grad_(True)
+    ce = distillation_ce(student, adjusted_targets(teacher, LABELS, 3.0), LABELS)
+    (ce * (LABELS[:, 1:] != IGNORE_INDEX)).sum().backward()
+    assert student.grad.abs().max().item() < 1e-5
+    further = at_target.clone()
+    for b, t, y in SCORED:
+        further[b, t, y] -= 5.0
+    assert distillation_ce(further, adjusted_targets(teacher, LABELS, 3.0), LABELS).sum() > ce.sum()
 
 
 @pytest.mark.parametrize("method", METHODS)

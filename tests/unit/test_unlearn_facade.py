@@ -149,7 +149,7 @@ def test_corpus_prompts_without_answers_are_answered_by_the_model_once(tmp_path)
     assert got[0] == Example(text="T2") and [e.prompt for e in got[1:]] == ["Q1", "P3"]
     own = greedy_answers(base.model, base.tokenizer, ["Q1", "P3"], CONTINUATION_TOKENS)
     assert [e.answer for e in got[1:]] == own  # the model's own greedy answers
-    assert len(list((tmp_path / "retain").glob("*.jsonl"))) == 1  # cached for the next request
+    assert len(list((tmp_path / "retain").glob("*.json"))) == 1  # cached for the next request
 
 
 def test_corpus_prompts_are_not_answered_when_given_rows_fill_the_set(tmp_path):
@@ -172,11 +172,19 @@ def test_retain_falls_back_to_generic_prompts_answered_by_the_model_and_caches_t
     base = tiny_base()
     first = build_retain(None, None, base.model, base.tokenizer, tmp_path, n=3, model_key=base.source_sha256)
     assert [e.prompt for e in first] == list(GENERIC_PROMPTS[:3])
-    cached = list((tmp_path / "retain").glob("*.jsonl"))
+    cached = list((tmp_path / "retain").glob("*.json"))
     assert len(cached) == 1 and cached[0].name.startswith(base.source_sha256[:16])
-    cached[0].write_text('{"prompt": "P", "answer": "from cache"}\n')
+    cached[0].write_text(json.dumps({p: "from cache" for p in GENERIC_PROMPTS[:3]}))
     again = build_retain([], None, base.model, base.tokenizer, tmp_path, n=3, model_key=base.source_sha256)
-    assert again == [Example(prompt="P", answer="from cache")]
+    assert [e.answer for e in again] == ["from cache"] * 3
+
+
+def test_the_neighbourhood_comes_after_the_request_items_and_on_top_of_n(tmp_path):
+    base = tiny_base()
+    neighbours = [Example(prompt="Who was Isaac Newton?", answer="A physicist.")]
+    got = build_retain(RETAIN, None, base.model, base.tokenizer, tmp_path, n=3, model_key=base.source_sha256,
+                       neighbours=neighbours)
+    assert got[:2] == RETAIN and got[2:3] == neighbours and len(got) == 4
 
 
 def test_built_in_prompts_are_about_thirty_two():

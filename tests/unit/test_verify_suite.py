@@ -91,6 +91,15 @@ def test_sets_are_capped_and_optional_sets_may_be_missing():
     assert result["forget"]["n"] == 3 and result["general"]["n"] == 2
     assert result["retain"] == {"n": 0} and result["mia"] == {"n_forget": 3, "n_holdout": 0}
     assert "rougeL" not in result["forget"]  # generation off: likelihood metrics only
+    assert "neighbours" not in result  # no probe set given: no section, so no neighbour check
+
+
+def test_a_neighbour_probe_set_is_scored_with_answer_recall_and_nll():
+    tok, model = tokenizer_and_model()
+    probe = [{"prompt": "Who was Isaac Newton?", "answer": "A physicist."}] * 3
+    result = evaluate(model, tok, FORGET, general=[], neighbours=probe, cfg=EvalConfig(max_new_tokens=4))
+    section = result["neighbours"]
+    assert section["n"] == 3 and math.isfinite(section["nll"]) and 0.0 <= section["rougeL"] <= 1.0
 
 
 def test_forgetting_shows_as_higher_forget_nll_and_lower_extraction():

@@ -91,3 +91,34 @@ def test_bounded_refuses_unknown_names_and_non_numbers():
         Thresholds().bounded({"min_forget_nll": 2.0})
     with pytest.raises(ValueError, match="must be a number"):
         Thresholds().bounded({"max_forget_rougeL": "0.2"})
+
+
+def with_neighbours(section: dict, rouge: float, nll: float = 1.0) -> dict:
+    return {**section, "neighbours": {"n": 24, "rougeL": rouge, "nll": nll}}
+
+
+GOOD_AFTER = metrics(forget_nll=5.0, forget_rouge=0.1)
+
+
+def test_neighbours_that_keep_their_answers_pass_the_neighbour_check():
+    verdict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.76))
+    assert verdict.passed
+    assert verdict.checks["neighbour_rougeL_drop"] == {"value": pytest.approx(0.05), "limit": 0.4, "ok": True}
+
+
+def test_a_neighbour_drop_past_the_threshold_fails_with_its_reason():
+    verdict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.4))
+    assert not verdict.passed
+    assert verdict.reasons == ["neighbour_rougeL_drop = 0.5, required <= 0.4"]
+    strict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.6), Thresholds(max_neighbour_drop=0.1))
+    assert strict.reasons == ["neighbour_rougeL_drop = 0.25, required <= 0.1"]
+
+
+def test_no_neighbour_probe_set_skips_the_neighbour_check():
+    assert "neighbour_rougeL_drop" not in judge(BEFORE, GOOD_AFTER).checks
+
+
+def test_the_neighbour_threshold_is_bounded():
+    assert bounded({"max_neighbour_drop": 0.3}).max_neighbour_drop == 0.3
+    with pytest.raises(ValueError, match=r"max_neighbour_drop=0.9 is outside its allowed bounds \[0.0, 0.6\]"):
+        bounded({"max_neighbour_drop": 0.9})

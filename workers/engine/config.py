@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 # The one place method and layer names are written; the objective and layer registries check against them.
-METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo")
+METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial")
 LAYER_KINDS = ("bottleneck", "lora")
 LayerKind = Literal[LAYER_KINDS]
 

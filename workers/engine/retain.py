@@ -7,8 +7,9 @@ examples were found, a built-in set of generic prompts (everyday knowledge, inst
 answered by the base model itself (greedy, short): training to keep those answers keeps the model's
 general behaviour. The top-up matters: measured on SmolLM2-135M, a retain set of a few items lets
 the forget terms drag down everything that looks like the forget data.
-Those answers are generated once per model and cached as JSONL under cache_dir, keyed by the
-model's source sha256 and by the prompt list, so every later request reuses them.
+Those answers are generated once per model and cached under cache_dir ({question: answer}, one file per
+model source sha256 and answer recipe), so every later request reuses them. On top comes the request's
+neighbourhood (neighbours.py): the same kind of knowledge about other subjects.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from .batching import pad_id, prompt_ids
-from .data import Example, read_corpus, read_jsonl
+from .data import Example, read_corpus
 from .decoding import greedy_generate, stop_token_ids
 
 GENERIC_PROMPTS: tuple[str, ...] = (
@@ -80,15 +81,26 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_
     return [trim_to_sentence(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in outputs]
 
 
-def generic_cache_path(cache_dir: Path, model_key: str, prompts: Sequence[str]) -> Path:
-    recipe = json.dumps({"prompts": list(prompts), "max_new_tokens": CONTINUATION_TOKENS}).encode()
-    return Path(cache_dir) / "retain" / f"{model_key[:16]}-{hashlib.sha256(recipe).hexdigest()[:12]}.jsonl"
+def answer_cache_path(cache_dir: Path, model_key: str) -> Path:
+    """One JSON object {question: answer} per model and answer recipe."""
+    recipe = json.dumps({"max_new_tokens": CONTINUATION_TOKENS, "trim": "sentence"}).encode()
+    return Path(cache_dir) / "retain" / f"{model_key[:16]}-{hashlib.sha256(recipe).hexdigest()[:12]}.json"
 
 
-def write_jsonl_atomically(path: Path, examples: Sequence[Example]) -> None:
+def _read_cache(path: Path | None) -> dict[str, str]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # a cache is never the only copy of anything: a bad one is regenerated
+        return {}
+    return {str(k): str(v) for k, v in cached.items()} if isinstance(cached, dict) else {}
+
+
+def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in examples), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -99,16 +111,21 @@ def generic_retain(model: nn.Module, tokenizer, cache_dir: Path | None, model_ke
 
 def own_answers(model: nn.Module, tokenizer, prompts: Sequence[str], cache_dir: Path | None,
                 model_key: str) -> list[Example]:
-    """`prompts` with the model's own greedy answers, cached per model and prompt list under cache_dir."""
+    """`prompts` with the model's own greedy answers; with cache_dir, each answer is generated once per model.
+
+    Only pass cache_dir for questions that may live on disk (built-in or operator ones): never for
+    questions made from a request's own text. Two workers filling the cache at once may each write
+    their own answers; the file is replaced atomically, so at worst an answer is generated again.
+    """
     prompts = tuple(prompts)
-    path = generic_cache_path(cache_dir, model_key, prompts) if cache_dir is not None else None
-    if path is not None and path.exists():
-        return read_jsonl(path)
-    answers = greedy_answers(model, tokenizer, prompts, CONTINUATION_TOKENS)
-    examples = [Example(prompt=p, answer=a) for p, a in zip(prompts, answers)]  # "" = it stops at once
-    if path is not None:
-        write_jsonl_atomically(path, examples)
-    return examples
+    path = answer_cache_path(cache_dir, model_key) if cache_dir is not None else None
+    cached = _read_cache(path)
+    missing = list(dict.fromkeys(p for p in prompts if p not in cached))
+    if missing:
+        cached |= dict(zip(missing, greedy_answers(model, tokenizer, missing, CONTINUATION_TOKENS)))
+        if path is not None:
+            write_atomically(path, json.dumps(_read_cache(path) | cached, ensure_ascii=False, sort_keys=True))
+    return [Example(prompt=p, answer=cached[p]) for p in prompts]  # "" = it stops at once
 
 
 def build_retain(
@@ -120,8 +137,11 @@ def build_retain(
     n: int = 32,
     *,
     model_key: str,
+    neighbours: Sequence[Example] = (),
 ) -> list[Example]:
-    """Request retain items + up to n corpus rows, topped up to n with the generic set.
+    """Request retain items + the request's neighbourhood + up to n corpus rows, topped up to n with the
+    generic set. The neighbourhood (neighbours.py) comes on top of n: it keeps what the model knows about
+    subjects like the forgotten one, the generic set keeps its everyday behaviour; both are needed.
 
     With neither request items nor a corpus that is the first n generic prompts. model_key names the
     model in the cache (pass LoadedModel.source_sha256). Corpus rows that are bare prompts get the base
@@ -138,6 +158,6 @@ def build_retain(
         if prompts and room > 0:  # no generation when the given rows already fill the set
             examples += own_answers(model, tokenizer, prompts[:room], cache, model_key)
     missing = n - len(examples)
-    if missing <= 0:
-        return examples
-    return examples + generic_retain(model, tokenizer, cache, model_key)[:missing]
+    if missing > 0:
+        examples += generic_retain(model, tokenizer, cache, model_key)[:missing]
+    return examples[:len(request_retain or [])] + list(neighbours) + examples[len(request_retain or []):]

@@ -41,6 +41,7 @@ class EvalConfig:
     max_retain: int = 32
     max_general: int = 24
     max_holdout: int = 32
+    max_neighbours: int = 32
     min_k: float = 0.2  # fraction of tokens for Min-K% / Min-K%++
     entropy_ngram: int = 1
     generate: bool = True  # off: likelihood metrics only (no ROUGE, no token entropy)
@@ -152,8 +153,12 @@ def evaluate(
     reference_ctx: ReferenceCtx | None = None,
     cfg: EvalConfig | None = None,
     reference_model: nn.Module | None = None,
+    neighbours: Iterable[Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{"forget", "retain", "general", "mia"} -> metrics (JSON-serialisable numbers only).
+    """{"forget", "retain", "general", "mia"} (+ "neighbours" when given) -> metrics (JSON numbers only).
+
+    neighbours: the request's neighbour probe set (neighbours.py), questions about other subjects of the
+    same kind with the base model's answers: its rougeL and nll before vs after are the neighbour check.
 
     Items: engine Examples, EvalItems or JSON rows. general=None uses the built-in `general_set()`.
     With a reference (reference_ctx factory, e.g. `attached.disabled`, or reference_model) the general set
@@ -183,6 +188,10 @@ def evaluate(
                 model, encodings, pad_id=pad_token_id(tokenizer), batch_size=cfg.batch_size, **reference
             )
         mia = _mia_metrics(model, tokenizer, forget_items, forget_scores, holdout_items, cfg, reference)
+        sections = {"forget": forget_metrics, "retain": retain_metrics, "general": general_metrics, "mia": mia}
+        if neighbours is not None:
+            sections["neighbours"] = set_metrics(model, tokenizer, to_eval_items(neighbours)[: cfg.max_neighbours],
+                                                 cfg)[0]
     finally:
         model.train(was_training)
-    return {"forget": forget_metrics, "retain": retain_metrics, "general": general_metrics, "mia": mia}
+    return sections

@@ -6,6 +6,9 @@ A job passes when forgetting went far enough and utility did not fall too far:
   retain_ppl_increase    = after.retain.ppl / before.retain.ppl - 1         <= max_retain_ppl_increase
   general_ppl_increase   = after.general.ppl / before.general.ppl - 1       <= max_general_ppl_increase
   general_entropy_ratio  = after.general.token_entropy / before...          >= min_token_entropy_ratio
+  neighbour_rougeL_drop  = 1 - after.neighbours.rougeL / before...rougeL     <= max_neighbour_drop
+The neighbour check reads the request's neighbour probe set (other subjects of the same kind, never
+trained on; neighbours.py): forgetting one person must not take the people like them along.
 A check whose metric is absent on either side (no retain set, generation off) is skipped, except the
 forget NLL check: without it nothing shows that anything was forgotten, so the verdict fails.
 Thresholds come from operator settings; a request may override them only within BOUNDS, so no request
@@ -24,6 +27,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_retain_ppl_increase": (0.0, 2.0),
     "max_general_ppl_increase": (0.0, 2.0),
     "min_token_entropy_ratio": (0.5, 1.0),
+    "max_neighbour_drop": (0.0, 0.6),
 }
 
 
@@ -34,6 +38,10 @@ class Thresholds:
     max_retain_ppl_increase: float = 0.25
     max_general_ppl_increase: float = 0.15
     min_token_entropy_ratio: float = 0.8
+    # 0.4, not the 10% the product aims at: the default engine measures 0.26-0.44 on the probe set (greedy
+    # answers diverge under any training; a layer trained with no forget terms at all drifts 0.12-0.18),
+    # and generic-only retain 0.74. The check stops that collapse; benchmarks/results/selectivity.md.
+    max_neighbour_drop: float = 0.4
 
     def __post_init__(self) -> None:
         for name, (low, high) in BOUNDS.items():
@@ -102,6 +110,10 @@ def _checks(
         value = ratio(section, key)
         return None if value is None else value - 1.0
 
+    def drop(section: str, key: str) -> float | None:
+        value = ratio(section, key)
+        return None if value is None else 1.0 - value
+
     return {
         "forget_nll_ratio": _check(ratio("forget", "nll"), t.min_forget_nll_ratio, at_least=True),
         "forget_rougeL": _check(_metric(after, "forget", "rougeL"), t.max_forget_rougeL, at_least=False),
@@ -112,6 +124,7 @@ def _checks(
         "general_entropy_ratio": _check(
             ratio("general", "token_entropy"), t.min_token_entropy_ratio, at_least=True
         ),
+        "neighbour_rougeL_drop": _check(drop("neighbours", "rougeL"), t.max_neighbour_drop, at_least=False),
     }
 
 
