@@ -45,7 +45,11 @@ def retain_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(make_settings, sqlite_url: str, redis_url: str, models_dir: Path, retain_corpus: Path):
-    return real_model_settings(make_settings, sqlite_url, redis_url, models_dir, retain_corpus=retain_corpus)
+    # The operator-corpus configuration this test has pinned since issue 3 (corpus only, no neighbourhood).
+    # With the neighbourhood on as well, measured once: 9 of 10 kept (the Golden Gate Bridge answer, one of the
+    # fragile ones, was lost); the neighbourhood path is tested in test_selectivity.py.
+    return real_model_settings(make_settings, sqlite_url, redis_url, models_dir, retain_corpus=retain_corpus,
+                               neighbourhood=False)
 
 
 def test_real_model_answers_the_capital_of_australia(client):
