@@ -162,6 +162,23 @@ def selectivity(
     execute(run_selectivity, options, out, threads)
 
 
+@bench_app.command("sequential")
+def sequential(
+    requests: Annotated[int, typer.Option(help="requests in a row, one subject each (at most 8)", min=1, max=8)] = 8,
+    method: Annotated[str, typer.Option(help="unlearning method of every request")] = "eul",
+    steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,
+    model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "cpu",
+    out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
+) -> None:
+    """Requests in a row: after each, every earlier request's forget score and the neighbour/general drop."""
+    from .sequential import SequentialOptions, run_sequential
+
+    options = SequentialOptions(model=model, cache_dir=models_dir(cache_dir), requests=requests, method=method,
+                                steps=steps, device=device, max_new_tokens=max_new_tokens)
+    execute(run_sequential, options, out, threads)
+
+
 @bench_app.command("api")
 def api(
     clients: Annotated[int, typer.Option(help="concurrent async clients")] = 50,

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.domain.audit.digest import load_or_create_hmac_key
 from service.domain.db.session import get_sessionmaker
+from service.domain.sealing import fusion_state_sealer
 from service.domain.settings import Settings, get_settings
 
 
@@ -34,9 +35,10 @@ class WorkerContext:
 
     @cached_property
     def store(self):
+        """The model store; the fusion state of every version it writes is sealed under the service's key."""
         from workers.engine.store import ModelStore
 
-        return ModelStore(self.settings.store_dir)
+        return ModelStore(self.settings.store_dir, sealer=fusion_state_sealer(self.settings.data_dir))
 
     @cached_property
     def base(self):

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import structlog
+from sqlalchemy.orm import Session
 
 from service.domain import job_states
+from service.domain.db.models import Job, utcnow
 from service.domain.db.session import write_lock
 from service.domain.repositories import jobs
 from workers.context import WorkerContext
@@ -46,3 +48,18 @@ def not_memorized(ctx: WorkerContext, job_id: str, report: dict[str, Any]) -> st
 def cancel(ctx: WorkerContext, job_id: str) -> str:
     end_job(ctx, job_id, "cancelled")
     return "cancelled"
+
+
+def give_up_if_exhausted(session: Session, job: Job, max_attempts: int) -> bool:
+    """End a job that lost its worker `max_attempts` times `failed` (flushes; the caller commits)."""
+    if job.status in ("queued", "running") and job.attempts >= max_attempts and _lease_expired(job):
+        job_states.end(session, job, "failed", reason=f"gave up after {job.attempts} attempts (worker lost each time)")
+        return True
+    return False
+
+
+def _lease_expired(job: Job) -> bool:
+    expires = job.lease_expires_at
+    if expires is None:
+        return True
+    return expires.replace(tzinfo=expires.tzinfo or utcnow().tzinfo) < utcnow()  # SQLite returns naive UTC

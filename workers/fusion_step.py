@@ -1,31 +1,26 @@
 """Task step 2 (the single fusion consumer): fuse the staged layer with every earlier request's by EUL's
-closed-form regression, verify before vs after, and publish version N+1 atomically, or fail cleanly.
+closed-form regression, verify before vs after (and every earlier request of the lineage on the new
+version), and publish version N+1 atomically with the request's probes sealed, or fail cleanly.
 
-    lease (db) -> FusionJob -> [heartbeat] fuse + verify -> Candidate -> publish files, then db + audit"""
+    lease (db) -> FusionJob -> [heartbeat] fuse + verify -> Candidate -> publishing.publish"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+import torch
 from sqlalchemy.orm import Session
 
-from service.domain import job_states
-from service.domain.db.models import ModelVersion
+from service.domain import job_states, probes
 from service.domain.db.session import write_lock
-from service.domain.events import announce_version
-from service.domain.repositories import audit, deletion_requests, jobs, model_versions
+from service.domain.repositories import deletion_requests, jobs, model_versions
 from workers.context import WorkerContext
 from workers.endings import cancel, fail
 from workers.engine.config import LayerConfig
 from workers.progress import LeaseHeartbeat
+from workers.publishing import Candidate, Release, publish, record_refused, remove_orphan
 from workers.settings_map import fusion_config, layer_config
-
-log = structlog.get_logger("unlearn.worker")
 
 
 @dataclass(frozen=True)
@@ -43,21 +38,10 @@ class FusionJob:
     parent_manifest_sha256: str | None
     parent_kind: str | None
     precheck: dict[str, Any]  # metrics the training step measured before training (the memorisation check)
+    lineage: probes.Lineage  # the parent's requests: opened probes to re-check, and which cannot be
 
-
-@dataclass
-class Candidate:
-    """Version N+1 before it is published: fused, verified, not yet on disk."""
-
-    layer: LayerConfig
-    state: Any  # workers.engine.fusion.FusionState: the running sums, request ids included
-    fused_maps: dict[str, Any]
-    metrics: dict[str, Any]
-    verdict: dict[str, Any]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.verdict["passed"])
+    def release(self) -> Release:
+        return Release(self.job_id, self.request_id, self.tenant, self.parent_version, self.version, self.lineage)
 
 
 def run_fusion(ctx: WorkerContext, job_id: str) -> str:
@@ -78,7 +62,7 @@ def run_fusion(ctx: WorkerContext, job_id: str) -> str:
         if not won:
             session.commit()
             return "skipped"
-        fusion_job = _read_job(session, job_id)
+        fusion_job = _read_job(ctx, session, job_id)
         session.commit()
     if fusion_job is None:
         return fail(ctx, job_id, "the forget payload is gone; cannot verify")
@@ -88,17 +72,19 @@ def run_fusion(ctx: WorkerContext, job_id: str) -> str:
         if fusion_job.parent_kind not in (None, layer.kind):
             return fail(ctx, job_id, f"layer '{layer.kind}' cannot fuse onto the served chain of "
                                      f"'{fusion_job.parent_kind}' layers")
-        candidate = _fuse_and_verify(ctx, fusion_job, layer)
-        if ctx.store.exists(fusion_job.version):
-            _remove_orphan(ctx, fusion_job.version)
+        candidate, trained = _fuse_and_verify(ctx, fusion_job, layer)
+        if ctx.store.exists(fusion_job.version):  # left by a worker killed between its files and its commit
+            remove_orphan(ctx, fusion_job.version)
         if not candidate.passed:
             reason = "verification failed: " + "; ".join(candidate.verdict["reasons"])  # >= 1 reason when failed
+            record_refused(ctx, fusion_job.release(), candidate)
             return fail(ctx, job_id, reason, metrics=candidate.metrics, verdict=candidate.verdict)
-        return _publish(ctx, fusion_job, candidate)
+        return _publish(ctx, fusion_job, candidate, trained)
 
 
-def _read_job(session: Session, job_id: str) -> FusionJob | None:
-    """The job's inputs, or None when its forget payload is gone."""
+def _read_job(ctx: WorkerContext, session: Session, job_id: str) -> FusionJob | None:
+    """The job's inputs, or None when its forget payload is gone. The parent's requests' probes are
+    decrypted here, held in memory for this job only."""
     job = jobs.get_job(session, job_id)
     request = deletion_requests.get_request(session, job.request_id, None)
     payload = deletion_requests.get_payload(session, job.request_id)
@@ -112,10 +98,12 @@ def _read_job(session: Session, job_id: str) -> FusionJob | None:
         version=model_versions.latest_version_number(session) + 1,
         parent_manifest_sha256=parent_row.manifest_sha256 if parent_row else None,
         parent_kind=parent_row.layer_kind if parent_row else None, precheck=dict(job.metrics or {}),
+        lineage=probes.open_lineage(session, ctx.settings, list(parent_row.request_ids) if parent_row else []),
     )
 
 
-def _fuse_and_verify(ctx: WorkerContext, job: FusionJob, layer: LayerConfig) -> Candidate:
+def _fuse_and_verify(ctx: WorkerContext, job: FusionJob, layer: LayerConfig) -> tuple[Candidate, Any]:
+    """The verified candidate, and the staged layer it fused (engine.unlearn.TrainedLayer)."""
     from workers.engine.data import parse_examples
     from workers.engine.fusion import state_from_tensors
     from workers.engine.unlearn import fuse, trained_from_tensors
@@ -132,81 +120,21 @@ def _fuse_and_verify(ctx: WorkerContext, job: FusionJob, layer: LayerConfig) -> 
     state, fused_maps = fuse(parent_state, trained, job.request_id, fusion_config(ctx.settings))
     forget, retain = parse_examples(job.forget_rows), parse_examples(job.retain_rows)
     probe = ctx.neighbourhood(forget).probe if ctx.settings.neighbourhood else None
-    metrics, verdict = verify(ctx, layer, parent_maps, fused_maps, forget, retain, job.params, probe)
-    return Candidate(layer, state, fused_maps, {**job.precheck, **metrics}, verdict)
+    checked = verify(ctx, layer, parent_maps, fused_maps, forget, retain, job.params, probe, job.lineage)
+    metrics = {**job.precheck, **checked.metrics}
+    return Candidate(layer, state, fused_maps, metrics, checked.verdict, checked.earlier), trained
 
 
-def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate) -> str:
-    from workers.engine.fusion import state_to_tensors
-    from workers.engine.store import FUSED_MAPS, FUSION_STATE
-    from workers.engine.versions import new_manifest
+def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate, trained: Any) -> str:
+    """Publish, sealing the request's items and its own fusion terms (for later re-checks and withdrawal)."""
+    from workers.engine.fusion import contribution, state_to_tensors
+    from workers.engine.store import save_safetensors_bytes
 
-    version, base = job.version, ctx.base
-    manifest = new_manifest(job.parent_version, base.name, base.source_sha256, candidate.layer,
-                            list(candidate.state.request_ids), job.job_id)
-    files_out = {FUSED_MAPS: candidate.fused_maps, FUSION_STATE: state_to_tensors(candidate.state)}
-    path = ctx.store.publish(version, files_out, manifest)
-    _test_crash_point("after_publish")
-    written = ctx.store.verify(version)  # read back: what the db records is what is on disk
-    with ctx.session() as session:
-        write_lock(session)
-        row = jobs.get_job(session, job.job_id)
-        still_ours = row.lease_owner == ctx.owner and not row.cancel_requested
-        moved = (model_versions.active_version(session) != job.parent_version
-                 or model_versions.latest_version_number(session) != job.version - 1)
-        if not still_ours or moved:  # an activation or another publish since we read: fuse again later
-            session.rollback()
-            _remove_orphan(ctx, version)
-            return cancel(ctx, job.job_id) if row.cancel_requested else "skipped"
-        version_row = model_versions.add_version(session, ModelVersion(
-            version=version, parent_version=job.parent_version, base_model=base.name,
-            base_sha256=base.source_sha256, layer_kind=candidate.layer.kind, path=str(path),
-            manifest_sha256=ctx.store.manifest_sha256(version), files=dict(written["files"]),
-            request_ids=manifest["request_ids"], metrics_summary=summarise(candidate.metrics), job_id=job.job_id,
-        ))
-        model_versions.set_active_version(session, version)
-        audit.append_event(
-            session, "version.published",
-            {"version": version, "parent_version": job.parent_version, "job_id": job.job_id,
-             "request_id": job.request_id, "files": version_row.files, "manifest_sha256": version_row.manifest_sha256,
-             "base_sha256": base.source_sha256},
-            tenant=job.tenant, request_id=job.request_id,
-        )
-        job_states.end(session, row, "succeeded", outcome="forgotten", stage="published", model_version=version,
-                       metrics=candidate.metrics, verdict=candidate.verdict,
-                       audit_extra={"version_files": version_row.files})
-        session.commit()
-    ctx.store.discard_staged(job.job_id)
-    announce_version(ctx.settings, version)
-    log.info("job.published", job_id=job.job_id, version=version)
-    return "published"
+    own_terms = save_safetensors_bytes(state_to_tensors(contribution(trained.grams, trained.maps, job.request_id),
+                                                        torch.float32))
+    baseline = {"before": candidate.metrics["before"]["forget"], "thresholds": candidate.verdict["thresholds"]}
 
+    def seal_probes(session: Session) -> None:
+        probes.seal(session, ctx.settings, job.request_id, job.tenant, job.forget_rows, baseline, own_terms)
 
-def _test_crash_point(name: str) -> None:
-    """Chaos-test hook, inert unless UNLEARN_TEST_CRASH_AT=<name>: SIGKILL this worker's whole process group
-    here, as a machine losing power would (tests/integration/test_chaos.py). Never set in production."""
-    if os.environ.get("UNLEARN_TEST_CRASH_AT") == name:
-        log.warning("test.crash_point", point=name)
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-
-
-def _remove_orphan(ctx: WorkerContext, version: int) -> None:
-    """A version directory with no database row was left by a crash between publish and commit."""
-    with ctx.session() as session:
-        if model_versions.get_version(session, version) is not None:
-            raise RuntimeError(f"version {version} exists in the database; refusing to remove it")
-    log.warning("version.orphan_removed", version=version)
-    shutil.rmtree(ctx.store.path(version))
-
-
-def summarise(metrics: dict) -> dict:
-    """Headline numbers for the version list (the job keeps the full set)."""
-    out = {}
-    for section in ("forget", "retain", "general", "neighbours"):
-        after = (metrics.get("after") or {}).get(section) or {}
-        before = (metrics.get("before") or {}).get(section) or {}
-        for key in ("nll", "ppl", "rougeL"):
-            if key in after:
-                out[f"{section}_{key}_before"] = before.get(key)
-                out[f"{section}_{key}_after"] = after.get(key)
-    return out
+    return publish(ctx, job.release(), candidate, "forgotten", seal_probes)

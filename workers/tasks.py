@@ -7,7 +7,7 @@ from celery import Task
 from celery.signals import worker_process_init
 
 from service.domain.logging import configure_logging
-from service.domain.queue import FUSE_TASK, TRAIN_TASK
+from service.domain.queue import FUSE_TASK, TRAIN_TASK, WITHDRAW_TASK
 from workers.celery_app import app_from_env
 from workers.context import WorkerContext, make_context
 from workers.endings import end_job
@@ -70,3 +70,10 @@ def fuse(self: Task, job_id: str) -> str:
     from workers.fusion_step import run_fusion
 
     return _guarded(run_fusion, job_id)
+
+
+@app.task(name=WITHDRAW_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def withdraw(self: Task, job_id: str) -> str:
+    from workers.withdrawal_step import run_withdrawal
+
+    return _guarded(run_withdrawal, job_id)

@@ -11,7 +11,7 @@ from service.domain.db.session import write_lock
 from service.domain.queue import enqueue_fusion
 from service.domain.repositories import audit, deletion_requests, jobs, model_versions
 from workers.context import WorkerContext
-from workers.endings import cancel, fail, not_memorized
+from workers.endings import cancel, fail, give_up_if_exhausted, not_memorized
 from workers.progress import JobProgress, LeaseHeartbeat, LeaseLost
 from workers.settings_map import layer_config, train_config
 
@@ -107,7 +107,7 @@ def _record_metrics(ctx: WorkerContext, job_id: str, metrics: dict) -> None:
 def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:
     write_lock(session)
     job = jobs.get_job(session, job_id)
-    if job is None:
+    if job is None or job.kind != "unlearn":
         log.warning("job.unknown", job_id=job_id)
         return "skipped"
     if job.status == "running" and job.stage == "trained":
@@ -126,16 +126,7 @@ def _lease_for_training(ctx: WorkerContext, session, job_id: str) -> str:
         job = jobs.get_job(session, job_id)
         job.started_at = job.started_at or utcnow()
         return "leased"
-    job = jobs.get_job(session, job_id)
-    if job.status in ("queued", "running") and job.attempts >= ctx.settings.job_max_attempts and _lease_expired(job):
-        job_states.end(session, job, "failed", reason=f"gave up after {job.attempts} attempts (worker lost each time)")
+    if give_up_if_exhausted(session, jobs.get_job(session, job_id), ctx.settings.job_max_attempts):
         return "failed"
     log.info("job.not_leased", job_id=job_id, status=job.status)  # redelivery of a taken or ended job: no-op
     return "skipped"
-
-
-def _lease_expired(job) -> bool:
-    expires = job.lease_expires_at
-    if expires is None:
-        return True
-    return expires.replace(tzinfo=expires.tzinfo or utcnow().tzinfo) < utcnow()  # SQLite returns naive UTC

@@ -28,10 +28,12 @@ class Timings(BaseModel):
 class JobOut(BaseModel):
     id: str
     request_id: str
+    kind: str = Field("unlearn", description="'unlearn' (the request's own job) or 'withdraw' (taking it out again)")
     status: JobStatus
     outcome: Outcome | None = Field(
-        None, description="Set when succeeded: 'forgotten' (unlearned; model_version serves without the data) or"
-        " 'not_memorized' (the model did not reproduce the data before any change; evidence in metrics.memorization)",
+        None, description="Set when succeeded: 'forgotten' (unlearned; model_version serves without the data),"
+        " 'not_memorized' (the model did not reproduce the data before any change; evidence in metrics.memorization)"
+        " or, for a withdrawal job, 'withdrawn' (model_version serves without this request's unlearning)",
     )
     stage: str | None
     attempts: int
@@ -46,6 +48,16 @@ class JobOut(BaseModel):
     verdict: dict[str, Any] | None
 
 
+class ProbesOut(BaseModel):
+    """The request's items kept sealed (encrypted, key outside the database) so later versions are checked
+    against them; destroyed at expires_at (crypto-shredding)."""
+
+    n_items: int
+    sealed_at: datetime
+    expires_at: datetime
+    shredded_at: datetime | None
+
+
 class DeletionRequestOut(BaseModel):
     id: str
     tenant: str
@@ -58,6 +70,12 @@ class DeletionRequestOut(BaseModel):
     payload_digest: str
     created_at: datetime
     job: JobOut
+    probes: ProbesOut | None = None  # set once the job ended "forgotten" (and retention is not 0)
+    withdrawal: JobOut | None = None  # the latest withdrawal job, if an admin withdrew the request
+
+
+class WithdrawalCreate(BaseModel):
+    reason: str = Field(min_length=1, max_length=500, description="Why the request is withdrawn (audited)")
 
 
 class DeletionRequestPage(BaseModel):

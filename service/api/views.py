@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from service.api.schemas import DeletionRequestOut, JobOut, Progress, Timings
-from service.domain.db.models import DeletionRequest, Job
+from service.api.schemas import DeletionRequestOut, JobOut, ProbesOut, Progress, Timings
+from service.domain.db.models import DeletionRequest, Job, RequestProbe
 
 
 def job_out(job: Job) -> JobOut:
     return JobOut(
         id=job.id,
         request_id=job.request_id,
+        kind=job.kind,
         status=job.status,  # type: ignore[arg-type]
         outcome=job.outcome,  # type: ignore[arg-type]
         stage=job.stage,
@@ -29,7 +30,15 @@ def job_out(job: Job) -> JobOut:
     )
 
 
-def request_out(request: DeletionRequest, job: Job) -> DeletionRequestOut:
+def probes_out(probe: RequestProbe | None) -> ProbesOut | None:
+    if probe is None:
+        return None
+    return ProbesOut(n_items=probe.n_items, sealed_at=probe.sealed_at, expires_at=probe.expires_at,
+                     shredded_at=probe.shredded_at)
+
+
+def request_out(request: DeletionRequest, job: Job, probe: RequestProbe | None = None,
+                withdrawal: Job | None = None) -> DeletionRequestOut:
     return DeletionRequestOut(
         id=request.id,
         tenant=request.tenant,
@@ -42,4 +51,6 @@ def request_out(request: DeletionRequest, job: Job) -> DeletionRequestOut:
         payload_digest=request.payload_digest,
         created_at=request.created_at,
         job=job_out(job),
+        probes=probes_out(probe),
+        withdrawal=job_out(withdrawal) if withdrawal is not None else None,
     )

@@ -9,6 +9,9 @@ invalid transition raises InvalidTransition (409), it never writes.
       └──> cancelled     └──> cancelled
       └──> failed (gave up)
 
+A withdrawal job (kind "withdraw", service/domain/withdrawals.py) takes the short path:
+    queued ──lease──> running ──published──> succeeded (withdrawn)  | failed | cancelled
+
 `running -> running` and `verifying -> verifying` are lease takeovers (a dead worker's job resumed).
 Functions here flush; the caller commits.
 """
@@ -25,9 +28,10 @@ from service.domain.repositories import audit, deletion_requests
 
 JobStatus = Literal["queued", "running", "verifying", "succeeded", "failed", "cancelled"]
 # What a succeeded job established: the items were unlearned and a version without them serves, or the
-# model never reproduced them (evidence in the job's metrics) and nothing needed to change.
-Outcome = Literal["forgotten", "not_memorized"]
-OUTCOMES: tuple[Outcome, ...] = ("forgotten", "not_memorized")
+# model never reproduced them (evidence in the job's metrics) and nothing needed to change; for a
+# withdrawal job (kind "withdraw"), that a version without the request's unlearning serves.
+Outcome = Literal["forgotten", "not_memorized", "withdrawn"]
+OUTCOMES: tuple[Outcome, ...] = ("forgotten", "not_memorized", "withdrawn")
 ACTIVE: tuple[JobStatus, ...] = ("queued", "running", "verifying")
 ENDED: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 

@@ -18,6 +18,7 @@ from service.domain.settings import Settings
 
 TRAIN_TASK = "unlearn.train"
 FUSE_TASK = "unlearn.fuse"
+WITHDRAW_TASK = "unlearn.withdraw"  # on the fusion queue: serialised with fusion
 GPU_QUEUE = "gpu"
 FUSION_QUEUE = "fusion"
 
@@ -28,6 +29,10 @@ def enqueue_training(celery: Celery, job_id: str) -> None:
 
 def enqueue_fusion(celery: Celery, job_id: str) -> None:
     celery.send_task(FUSE_TASK, args=[job_id], queue=FUSION_QUEUE)
+
+
+def enqueue_withdrawal(celery: Celery, job_id: str) -> None:
+    celery.send_task(WITHDRAW_TASK, args=[job_id], queue=FUSION_QUEUE)
 
 
 def make_celery(redis_url: str, settings: Settings) -> Celery:
@@ -42,7 +47,8 @@ def make_celery(redis_url: str, settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(GPU_QUEUE), Queue(FUSION_QUEUE)],
-        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, FUSE_TASK: {"queue": FUSION_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, FUSE_TASK: {"queue": FUSION_QUEUE},
+                     WITHDRAW_TASK: {"queue": FUSION_QUEUE}},
         task_default_queue=GPU_QUEUE,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Each request's retain set gets its neighbourhood (other subjects of the same kind, answered by the base
     # model) and its verdict a neighbour check on a disjoint probe set. False: generic retain only, no check.
     neighbourhood: bool = True
+    # A forgotten request's items are kept sealed (encrypted, key outside the db) this long, so every later
+    # version is checked against them; then the key is destroyed. 0: keep nothing, re-verify nothing.
+    probe_retention_days: float = Field(30.0, ge=0, le=3650)
     fusion_ridge: float = Field(1e-3, gt=0, le=10)
     thresholds: dict[str, float] = Field(default_factory=dict)  # verdict thresholds (JSON), see verify/verdict.py
 

@@ -113,3 +113,14 @@ def test_selectivity_bench_writes_a_row_per_subject_and_arm_and_its_plot(tmp_pat
     text = (tmp_path / "selectivity.md").read_text()
     assert "- command: `" in text and "| Albert Einstein | undial:neighbourhood |" in text
     assert (tmp_path / "selectivity.png").stat().st_size > 0
+
+
+def test_sequential_bench_scores_every_earlier_request_after_each_one(tmp_path: Path, cache_dir: Path) -> None:
+    run_bench(["sequential", "--requests", "2", "--steps", "1", "--max-new-tokens", "2"], tmp_path, cache_dir)
+    rows = json.loads((tmp_path / "sequential.json").read_text())["data"]["rows"]
+    assert [r["requests"] for r in rows] == [1, 2]
+    assert "Mount Kilimanjaro" not in rows[0] and {"Albert Einstein", "Mount Kilimanjaro"} <= set(rows[1])
+    # a tiny random model's 2-token answers are mostly empty: drops may be n/a, the verdict still decides
+    assert all(isinstance(rows[1][s]["forgotten"], bool) for s in ("Albert Einstein", "Mount Kilimanjaro"))
+    assert "- command: `" in (tmp_path / "sequential.md").read_text()
+    assert (tmp_path / "sequential.png").stat().st_size > 0

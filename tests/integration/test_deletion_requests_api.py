@@ -184,3 +184,25 @@ def test_health_and_readiness(api):
     ready = api.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"]["database"] == "ok" and ready.json()["checks"]["broker"] == "ok"
+
+
+def test_withdraw_needs_an_admin_and_a_reason(api, make_key):
+    created = api.post("/v1/deletion-requests", json=BODY, headers=make_key()).json()
+    url = f"/v1/deletion-requests/{created['id']}/withdraw"
+    assert api.post(url, json={"reason": "duplicate"}, headers=make_key()).status_code == 403
+    missing = api.post(url, json={}, headers=make_key(role="admin", tenant="ops"))
+    assert missing.status_code == 422 and missing.json()["error"]["param"] == "reason"
+    too_long = api.post(url, json={"reason": "x" * 501}, headers=make_key(role="admin", tenant="ops"))
+    assert too_long.status_code == 422 and "500" in too_long.json()["error"]["message"]
+
+
+def test_only_a_forgotten_request_can_be_withdrawn_and_nothing_is_written_otherwise(api, make_key):
+    created = api.post("/v1/deletion-requests", json=BODY, headers=make_key()).json()
+    before = row_counts(api.settings.db_url)
+    admin = make_key(role="admin", tenant="ops")
+    response = api.post(f"/v1/deletion-requests/{created['id']}/withdraw", json={"reason": "duplicate"}, headers=admin)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "not_withdrawable"
+    assert "job is queued" in response.json()["error"]["message"]
+    assert row_counts(api.settings.db_url) == before
+    unknown = api.post("/v1/deletion-requests/nope/withdraw", json={"reason": "duplicate"}, headers=admin)
+    assert unknown.status_code == 404

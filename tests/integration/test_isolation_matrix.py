@@ -44,6 +44,8 @@ MATRIX: dict[tuple[str, str], Route] = {
     ("GET", "/v1/deletion-requests/{request_id}"): Route(("requester", "auditor"), owned="item"),
     ("GET", "/v1/jobs/{job_id}"): Route(("requester", "auditor"), owned="item"),
     ("POST", "/v1/jobs/{job_id}/cancel"): Route(("requester",), owned="item", own_status=202),
+    # admin only (all tenants); the owned request's job is still queued: nothing to withdraw yet
+    ("POST", "/v1/deletion-requests/{request_id}/withdraw"): Route((), own_status=409, body={"reason": "duplicate"}),
     ("GET", "/v1/audit"): Route(("auditor",), owned="list"),
     ("GET", "/v1/audit/verify"): Route(("auditor",)),
     ("GET", "/v1/model-versions"): Route(()),

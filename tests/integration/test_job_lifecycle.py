@@ -163,18 +163,29 @@ def test_a_job_that_takes_the_neighbours_along_fails_with_that_reason(api, make_
     assert api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()["active_version"] == 0
 
 
-def test_second_request_fuses_onto_the_first(api, make_key, worker):
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # both databases: test_later_versions_...
+def test_a_version_in_which_an_earlier_request_came_back_is_not_published(api, make_key, worker):
+    from service.domain.db.models import RequestProbe
+
     headers = make_key()
-    first = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()["job"]["id"]
+    first = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()
+    assert poll_until_ended(api, headers, first["job"]["id"])[2]["model_version"] == 1
+    with session_scope(api.settings.db_url) as session:  # record a baseline no later version can meet
+        probe = session.get(RequestProbe, first["id"])
+        probe.baseline = {**probe.baseline, "before": {**probe.baseline["before"], "nll": 1e6}}
+        session.commit()
     second = api.post("/v1/deletion-requests", json={**BODY, "subject_ref": "case-8", "forget": SECOND_FORGET},
-                      headers=headers).json()["job"]["id"]
-    first_job = poll_until_ended(api, headers, first)[2]
-    assert first_job["model_version"] == 1, first_job["error"]
-    second_job = poll_until_ended(api, headers, second)[2]
-    assert second_job["model_version"] == 2, second_job["error"]
-    versions = api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()
-    assert versions["active_version"] == 2
-    assert len(versions["data"][2]["request_ids"]) == 2
+                      headers=headers).json()
+    job = poll_until_ended(api, headers, second["job"]["id"])[2]
+
+    assert (job["status"], job["model_version"]) == ("failed", None)
+    assert "1 of 1 earlier requests in this version came back" in job["error"]
+    assert job["metrics"]["earlier_requests"]["came_back"] == 1
+    assert api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()["active_version"] == 1
+    trail = api.get("/v1/audit", params={"type": "request.reverified"}, headers=make_key(role="auditor")).json()
+    [event] = trail["data"]
+    assert event["request_id"] == first["id"] and event["payload"]["version"] is None
+    assert event["payload"]["passed"] is False and event["payload"]["job_id"] == job["id"]
 
 
 def test_after_a_rollback_new_requests_build_on_the_rolled_back_version(api, make_key, worker):
@@ -199,3 +210,69 @@ def test_after_a_rollback_new_requests_build_on_the_rolled_back_version(api, mak
     assert newest["parent_version"] == 1  # built on the rollback, not on the latest version
     assert set(newest["request_ids"]) == {first["request_id"], third["request_id"]}  # case-b stays rolled away
     assert second["request_id"] not in newest["request_ids"]
+
+
+def withdraw(api, request_id: str, admin: dict) -> dict:
+    response = api.post(f"/v1/deletion-requests/{request_id}/withdraw", json={"reason": "submitted twice"},
+                        headers=admin)
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"] == f"/v1/jobs/{response.json()['id']}"
+    return poll_until_ended(api, admin, response.json()["id"])[2]
+
+
+def test_later_versions_answer_for_earlier_requests_and_a_withdrawal_takes_one_out(api, make_key, worker):
+    acme, globex, admin = make_key(), make_key(tenant="globex"), make_key(role="admin", tenant="ops")
+    first = api.post("/v1/deletion-requests", json=BODY, headers=acme).json()
+    assert poll_until_ended(api, acme, first["job"]["id"])[2]["model_version"] == 1
+    second = api.post("/v1/deletion-requests", json={**BODY, "subject_ref": "case-8", "forget": SECOND_FORGET},
+                      headers=globex).json()
+    job = poll_until_ended(api, globex, second["job"]["id"])[2]
+
+    # version 2 fuses the second request onto the first, and answers for the first
+    assert (job["status"], job["model_version"]) == ("succeeded", 2), job["error"]
+    assert len(api.get("/v1/model-versions", headers=admin).json()["data"][2]["request_ids"]) == 2
+    assert job["metrics"]["earlier_requests"] == {"checked": 1, "came_back": 0, "not_reverifiable": 0}
+    assert job["verdict"]["checks"]["earlier_requests_came_back"] == {"value": 0, "limit": 0, "ok": True}
+    assert first["id"] not in json.dumps(job)  # another tenant's request is counted, never named
+    trail = api.get("/v1/audit", params={"type": "request.reverified"}, headers=make_key(role="auditor")).json()
+    [event] = trail["data"]  # in the first request's own tenant: its evidence that version 2 still forgets it
+    assert event["request_id"] == first["id"] and event["payload"]["version"] == 2
+    assert event["payload"]["passed"] is True and event["payload"]["checks"]["forget_nll_ratio"]["ok"] is True
+    assert api.get(f"/v1/deletion-requests/{first['id']}", headers=acme).json()["probes"]["n_items"] == 2
+
+    withdrawal = withdraw(api, first["id"], admin)
+
+    assert (withdrawal["kind"], withdrawal["status"], withdrawal["outcome"], withdrawal["model_version"]) == (
+        "withdraw", "succeeded", "withdrawn", 3), withdrawal["error"]
+    newest = api.get("/v1/model-versions", headers=admin).json()["data"][3]
+    assert newest["request_ids"] == [second["id"]] and newest["parent_version"] == 2 and newest["active"]
+    evidence = withdrawal["metrics"]["withdrawn"]
+    assert evidence["after"]["nll"] < evidence["served"]["nll"]  # its unlearning is gone from the model
+    assert withdrawal["metrics"]["earlier_requests"] == {"checked": 1, "came_back": 0, "not_reverifiable": 0}
+    request = api.get(f"/v1/deletion-requests/{first['id']}", headers=acme).json()
+    assert request["withdrawal"]["outcome"] == "withdrawn" and request["probes"]["shredded_at"] is not None
+    events = audit_payloads(api.settings.db_url, withdrawal["id"])
+    assert events["request.withdrawal_requested"]["reason"] == "submitted twice"
+    assert events["version.published"]["withdrawn_request_id"] == first["id"]
+    again = api.post(f"/v1/deletion-requests/{first['id']}/withdraw", json={"reason": "x"}, headers=admin)
+    assert again.status_code == 409 and "already withdrawn" in again.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # both databases: test_later_versions_...
+def test_withdrawing_the_only_request_gives_back_the_base_models_answers(api, make_key, worker):
+    headers, admin = make_key(), make_key(role="admin", tenant="ops")
+    created = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()
+    assert poll_until_ended(api, headers, created["job"]["id"])[2]["model_version"] == 1
+
+    job = withdraw(api, created["id"], admin)
+
+    assert (job["status"], job["model_version"]) == ("succeeded", 2), job["error"]
+    evidence = job["metrics"]["withdrawn"]  # before_unlearning was measured on the base model (version 0)
+    assert evidence["after"] == pytest.approx(evidence["before_unlearning"], rel=1e-4)
+    assert api.get("/v1/model-versions", headers=admin).json()["data"][2]["request_ids"] == []
+    shredded = audit_payloads(api.settings.db_url, job["id"])
+    assert "request.withdrawal_requested" in shredded
+    with session_scope(api.settings.db_url) as session:
+        reasons = [json.loads(e.payload)["reason"] for e in
+                   session.scalars(select(AuditEvent).where(AuditEvent.event_type == "request.probes_shredded"))]
+    assert reasons == ["withdrawn"]

@@ -19,8 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("service", "workers", "benchmarks")
 
-# torch-free engine modules that name things the domain validates (methods, layer kinds, thresholds, corpus rows)
-ENGINE_VOCABULARY = ("workers.engine.config", "workers.engine.verify.verdict", "workers.engine.data")
+# torch-free engine modules that name things the domain validates (methods, layer kinds, thresholds, corpus
+# rows), and the stdlib durable-write helpers (files)
+ENGINE_VOCABULARY = ("workers.engine.config", "workers.engine.verify.verdict", "workers.engine.data",
+                     "workers.engine.files")
 
 # layer -> what it may import, checked in order (most specific prefix first)
 RULES: list[tuple[str, tuple[str, ...]]] = [

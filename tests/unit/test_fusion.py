@@ -11,8 +11,10 @@ from workers.engine.fusion import (
     FusionState,
     accumulate,
     collect_grams,
+    contribution,
     fuse_request,
     load_state,
+    remove,
     save_state,
     solve,
     state_from_tensors,
@@ -103,6 +105,32 @@ def test_accumulate_leaves_the_previous_state_unchanged():
     snapshot = first.gram_sum["a"].clone()
     accumulate(first, g2, m2, "r2")
     assert torch.equal(first.gram_sum["a"], snapshot) and first.request_ids == ["r1"]
+
+
+def test_removing_a_request_gives_the_fusion_that_never_had_it():
+    requests = random_requests(4)
+    grams, maps, _ = requests[1]
+    stored = state_from_tensors(state_to_tensors(contribution(grams, maps, "req-1"), torch.float32))  # as kept
+    without = remove(fuse_all(requests), stored)
+    never = fuse_all([r for i, r in enumerate(requests) if i != 1])
+    assert without.request_ids == ["req-0", "req-2", "req-3"] and without.n_requests == 3
+    assert without.gram_sum["a"] is without.gram_sum["b"]  # sharing survives
+    for name in ("a", "b"):
+        torch.testing.assert_close(solve(without)[name], solve(never)[name], rtol=1e-4, atol=1e-5)
+
+
+def test_removing_the_only_request_leaves_zero_maps():
+    (grams, maps, _), = random_requests(1)
+    state = remove(accumulate(None, grams, maps, "only"), contribution(grams, maps, "only"))
+    assert state.n_requests == 0 and state.request_ids == []
+    assert all(torch.count_nonzero(w) == 0 for w in solve(state).values())
+
+
+def test_a_request_that_is_not_in_the_state_cannot_be_removed():
+    requests = random_requests(2)
+    grams, maps, _ = requests[0]
+    with pytest.raises(ValueError, match="not fused"):
+        remove(fuse_all(requests), contribution(grams, maps, "someone-else"))
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_failed_publish_leaves_no_partial_directory(store, monkeypatch):
     def crash(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_module, "_write_synced", crash)
+    monkeypatch.setattr(store_module, "write_synced", crash)
     with pytest.raises(OSError, match="disk full"):
         store.publish(1, files(), MANIFEST)
     assert not store.exists(1) and not store.path(1).exists()
@@ -169,3 +169,41 @@ def test_export_version_writes_plain_checkpoint_for_lora(store, tmp_path):
     store.publish(2, {FUSED_MAPS: maps}, {**manifest, "base_model": {"name": "x", "sha256": "other"}})
     with pytest.raises(BaseModelMismatchError):
         export_version(store, base, 2, tmp_path / "v2")
+
+
+def sealed_store(tmp_path) -> ModelStore:
+    from service.domain.sealing import Sealer
+
+    return ModelStore(tmp_path / "models", sealer=Sealer(tmp_path / "keys" / "state.key"))
+
+
+def test_a_sealed_fusion_state_is_ciphertext_on_disk_and_opens_with_the_key(tmp_path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load as parse_safetensors
+
+    store = sealed_store(tmp_path)
+    store.publish(1, files(), MANIFEST)
+    on_disk = (store.path(1) / "fusion_state.safetensors").read_bytes()
+    with pytest.raises(SafetensorError):
+        parse_safetensors(on_disk)
+    assert store.manifest(1)["sealed"] == ["fusion_state.safetensors"]
+    loaded, _ = store.load(1)
+    assert torch.equal(loaded["fusion_state"]["gram.x"], torch.eye(3, dtype=torch.float64))
+    assert parse_safetensors((store.path(1) / "fused_maps.safetensors").read_bytes())  # served maps stay plain
+
+
+def test_a_store_without_the_key_serves_the_maps_and_leaves_the_state_closed(tmp_path):
+    sealed_store(tmp_path).publish(1, files(), MANIFEST)
+    loaded, _ = ModelStore(tmp_path / "models").load(1)  # the API's store: hashes checked, state not read
+    assert set(loaded) == {FUSED_MAPS}
+
+
+def test_a_sealed_state_copied_into_another_version_does_not_open(tmp_path):
+    from cryptography.exceptions import InvalidTag
+
+    store = sealed_store(tmp_path)
+    store.publish(1, files(), MANIFEST)
+    store.publish(2, files(), MANIFEST)
+    stolen = (store.path(1) / "fusion_state.safetensors").read_bytes()
+    with pytest.raises(InvalidTag):
+        store.sealer.open(stolen, "versions/000002/fusion_state.safetensors")

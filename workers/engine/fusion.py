@@ -12,6 +12,7 @@ lambda = ridge * mean(diag(sum_i G_i)) (FusionConfig): relative to the activatio
 
 Only the running sums sum G_i and sum G_i W_i are kept (FusionState), so fusing request N+1 costs the
 same as fusing request 2, and no earlier request's data is needed (their raw payload is deleted).
+Withdrawing request k subtracts its own terms (`contribution`, kept sealed by the service) and solves again.
 """
 
 from __future__ import annotations
@@ -131,10 +132,42 @@ def accumulate(
     return FusionState(gram_sum, gram_w_sum, state.n_requests + 1, [*state.request_ids, request_id])
 
 
+def contribution(grams: dict[str, Tensor], maps: dict[str, Tensor], request_id: str) -> FusionState:
+    """One request's own terms (G_i, G_i W_i): what `remove` takes out of the sums again (withdrawal)."""
+    return accumulate(None, grams, maps, request_id)
+
+
+def remove(state: FusionState, part: FusionState) -> FusionState:
+    """New state without the request(s) of `part` (a `contribution`): sum G - G_k, sum G W - G_k W_k.
+
+    The solve over the remaining requests is the one that never saw request k (up to float rounding), so a
+    withdrawn request is gone from every map, with no retraining and no other request's data."""
+    missing = [r for r in part.request_ids if r not in state.request_ids]
+    if missing:
+        raise ValueError(f"request(s) {missing} are not fused into this state")
+    if set(part.gram_sum) != set(state.gram_sum):
+        raise ValueError("map names differ from the state's: was the layer kind or shape changed?")
+    remaining = [r for r in state.request_ids if r not in part.request_ids]
+    keep = 1.0 if remaining else 0.0  # none left: exact zeros, not rounding residue
+    gram_sum, shared = {}, {}
+    for name, gram in state.gram_sum.items():
+        key = (id(gram), id(part.gram_sum[name]))  # shared grams stay shared (LoRA gate/up)
+        if key not in shared:
+            shared[key] = (gram.double() - part.gram_sum[name].double()) * keep
+        gram_sum[name] = shared[key]
+    gram_w_sum = {name: (gw.double() - part.gram_w_sum[name].double()) * keep
+                  for name, gw in state.gram_w_sum.items()}
+    return FusionState(gram_sum, gram_w_sum, len(remaining), remaining)
+
+
 def solve(state: FusionState, cfg: FusionConfig = FusionConfig()) -> dict[str, Tensor]:
-    """W* = (sum G_i + lambda I)^-1 sum G_i W_i per map, in float64 (Cholesky); returned as fp32."""
+    """W* = (sum G_i + lambda I)^-1 sum G_i W_i per map, in float64 (Cholesky); returned as fp32.
+
+    A state whose requests were all removed (withdrawn) solves to zero maps: a layer that changes nothing."""
     if state.n_requests == 0:
-        raise ValueError("nothing to fuse: the state holds no request")
+        if not state.gram_w_sum:
+            raise ValueError("nothing to fuse: the state holds no request")
+        return {name: torch.zeros_like(gram_w, dtype=torch.float32) for name, gram_w in state.gram_w_sum.items()}
     factors: dict[int, Tensor] = {}
     fused = {}
     for name, gram in state.gram_sum.items():

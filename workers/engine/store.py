@@ -23,22 +23,32 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as _save_safetensors
 from torch import Tensor
 
+from .files import fsync_dir, write_synced
+
 MANIFEST = "manifest.json"
 STAGED_LAYER = "layer.safetensors"
 STAGED_META = "meta.json"
 TMP_PREFIX = ".tmp-"
-RESERVED_MANIFEST_KEYS = ("version", "files", "created_at")
+RESERVED_MANIFEST_KEYS = ("version", "files", "created_at", "sealed")
 FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Conventional file names inside a version (callers may add more).
 FUSED_MAPS = "fused_maps"  # fused map weights of the layer (fusion.solve output)
 FUSION_STATE = "fusion_state"  # running sums (fusion.state_to_tensors) for fusing the next request
+
+
+class Sealer(Protocol):
+    """Authenticated encryption of a file's bytes, bound to `label` (service.domain.sealing.Sealer)."""
+
+    def seal(self, data: bytes, label: str) -> bytes: ...
+
+    def open(self, blob: bytes, label: str) -> bytes: ...
 
 
 class CorruptVersionError(RuntimeError):
@@ -66,23 +76,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json_bytes(data: dict[str, Any]) -> bytes:
     return json.dumps(data, indent=2, sort_keys=True).encode()
+
+
+def _seal_label(version: int, file: str) -> str:
+    return f"versions/{version:06d}/{file}"  # a sealed file copied into another version does not open
 
 
 def _check_name(name: str, what: str) -> None:
@@ -91,8 +90,13 @@ def _check_name(name: str, what: str) -> None:
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    """sealer: encrypts the files named in `sealed` (the fusion state: Gram matrices of forget data) at
+    rest; the manifest lists them under "sealed" and hashes the sealed bytes. A store without a sealer (the
+    API, export) verifies those files but does not read them."""
+
+    def __init__(self, root: Path, sealer: Sealer | None = None, sealed: tuple[str, ...] = (FUSION_STATE,)) -> None:
         self.root = Path(root)
+        self.sealer, self.sealed = sealer, sealed if sealer is not None else ()
         self.versions_dir = self.root / "versions"
         self.staged_dir = self.root / "staged"
         self.versions_dir.mkdir(parents=True, exist_ok=True)
@@ -124,15 +128,20 @@ class ModelStore:
         clash = sorted(set(manifest) & set(RESERVED_MANIFEST_KEYS))
         if clash:
             raise ValueError(f"manifest keys {clash} are set by the store")
-        blobs = {}
+        blobs, sealed = {}, []
         for name, tensors in files.items():
             _check_name(name, "file name")
-            blobs[f"{name}.safetensors"] = save_safetensors_bytes(tensors)
+            file, data = f"{name}.safetensors", save_safetensors_bytes(tensors)
+            if name in self.sealed:
+                data = self.sealer.seal(data, _seal_label(version, file))
+                sealed.append(file)
+            blobs[file] = data
         record = {
             **manifest,
             "version": version,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": {file: sha256_bytes(data) for file, data in blobs.items()},
+            "sealed": sealed,
         }
         blobs[MANIFEST] = _json_bytes(record)
         try:
@@ -164,12 +173,17 @@ class ModelStore:
         return self.manifest(version)
 
     def load(self, version: int) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-        """(file name -> tensors, manifest), every file verified against its hash first."""
+        """(file name -> tensors, manifest), every file verified against its hash first. Sealed files are
+        opened with the sealer, or left out when this store has none."""
         manifest = self.manifest(version)
         blobs = self._read_verified(version)
-        files = {
-            file.removesuffix(".safetensors"): load_safetensors_bytes(data) for file, data in blobs.items()
-        }
+        files = {}
+        for file, data in blobs.items():
+            if file in manifest.get("sealed", []):
+                if self.sealer is None:
+                    continue
+                data = self.sealer.open(data, _seal_label(version, file))
+            files[file.removesuffix(".safetensors")] = load_safetensors_bytes(data)
         return files, manifest
 
     def _read_verified(self, version: int) -> dict[str, bytes]:
@@ -239,10 +253,10 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
         try:
             for file, data in blobs.items():
-                _write_synced(tmp / file, data)
-            _fsync_dir(tmp)
+                write_synced(tmp / file, data)
+            fsync_dir(tmp)
             os.rename(tmp, final)  # fails if final exists and is non-empty: no overwrite
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -8,14 +8,14 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from service.api.deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
-from service.api.schemas import DeletionRequestOut, DeletionRequestPage
-from service.api.views import request_out
-from service.domain import deletions
+from service.api.deps import AdminDep, ReaderDep, SessionDep, SettingsDep, SubmitterDep
+from service.api.schemas import DeletionRequestOut, DeletionRequestPage, JobOut, WithdrawalCreate
+from service.api.views import job_out, request_out
+from service.domain import deletions, withdrawals
 from service.domain.errors import NotFound
 from service.domain.job_states import JobStatus
-from service.domain.queue import enqueue_training
-from service.domain.repositories import deletion_requests, jobs
+from service.domain.queue import enqueue_training, enqueue_withdrawal
+from service.domain.repositories import deletion_requests, jobs, probes
 from service.domain.submission import DeletionRequestCreate
 
 log = structlog.get_logger("unlearn.api")
@@ -52,7 +52,9 @@ def list_deletion_requests(
         session, tenant=principal.tenant_scope, status=status, subject_ref=subject_ref, since=since, until=until,
         offset=offset, limit=limit + 1,
     )
-    page = [request_out(r, j) for r, j in rows[:limit]]
+    ids = [r.id for r, _ in rows[:limit]]
+    sealed, withdrawn = probes.probes_for(session, ids), jobs.withdrawal_jobs(session, ids)
+    page = [request_out(r, j, sealed.get(r.id), withdrawn.get(r.id)) for r, j in rows[:limit]]
     return DeletionRequestPage(
         data=page, offset=offset, limit=limit, next_offset=offset + limit if len(rows) > limit else None
     )
@@ -64,4 +66,23 @@ def get_deletion_request(request_id: str, session: SessionDep, principal: Reader
     job = jobs.get_job_for_request(session, request_id) if found else None
     if found is None or job is None:
         raise NotFound(f"deletion request {request_id} not found", param="request_id")
-    return request_out(found, job)
+    return request_out(found, job, probes.get_probe(session, request_id),
+                       jobs.get_job_for_request(session, request_id, "withdraw"))
+
+
+@router.post("/{request_id}/withdraw", status_code=202, response_model=JobOut)
+def withdraw_deletion_request(
+    request_id: str, body: WithdrawalCreate, request: Request, response: Response, session: SessionDep,
+    principal: AdminDep,
+) -> JobOut:
+    """Take a forgotten request out of the served model (a wrongful or duplicate request): a withdrawal job
+    publishes a new version without its unlearning, every other request kept and re-checked. Admin only,
+    reason required and audited; possible while the request's probes are kept (409 otherwise)."""
+    job = withdrawals.request_withdrawal(session, principal, request_id, body.reason)
+    session.commit()
+    try:
+        enqueue_withdrawal(request.app.state.celery, job.id)
+    except Exception as exc:  # noqa: BLE001  (durable in the db: the sweeper enqueues it later)
+        log.warning("enqueue.failed", job_id=job.id, error=type(exc).__name__)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job)

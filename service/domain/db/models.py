@@ -15,10 +15,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -90,12 +92,37 @@ class ForgetPayload(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class RequestProbe(Base):
+    """A forgotten request's items, sealed (AES-GCM under a per-request key kept outside the database) so that
+    every later version can be checked against them; plus the plain numbers it was accepted on. The key and
+    the ciphertext are destroyed at `expires_at` (crypto-shredding, service/domain/probes.py)."""
+
+    __tablename__ = "request_probes"
+
+    request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id", ondelete="CASCADE"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)  # nonce + AES-GCM; None once shredded
+    n_items: Mapped[int] = mapped_column(Integer)
+    baseline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"before": forget metrics, "thresholds"}
+    sealed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    shredded_at: Mapped[datetime | None]
+
+
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_request_id", "request_id"),
+        # one unlearning job per request; withdrawals may be tried again after one failed
+        Index("uq_jobs_unlearn_request_id", "request_id", unique=True,
+              sqlite_where=text("kind = 'unlearn'"), postgresql_where=text("kind = 'unlearn'")),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id"), unique=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id"))
+    # unlearn: the request's own job (one per request); withdraw: taking a forgotten request out again
+    kind: Mapped[str] = mapped_column(String(16), default="unlearn", server_default="unlearn")
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     stage: Mapped[str | None] = mapped_column(String(16))  # training | trained | fusing | publishing

@@ -44,7 +44,7 @@ def list_requests(
     offset: int = 0,
     limit: int = 50,
 ) -> list[tuple[DeletionRequest, Job]]:
-    query = select(DeletionRequest, Job).join(Job, Job.request_id == DeletionRequest.id)
+    query = select(DeletionRequest, Job).join(Job, (Job.request_id == DeletionRequest.id) & (Job.kind == "unlearn"))
     if tenant is not None:
         query = query.where(DeletionRequest.tenant == tenant)
     if status is not None:
@@ -74,7 +74,7 @@ def pending_payloads(session: Session) -> list[ForgetPayload]:
     """Payloads of requests whose job has not ended (the serving guard's source)."""
     query = (
         select(ForgetPayload)
-        .join(Job, Job.request_id == ForgetPayload.request_id)
+        .join(Job, (Job.request_id == ForgetPayload.request_id) & (Job.kind == "unlearn"))
         .where(Job.status.in_(("queued", "running", "verifying")))
     )
     return list(session.scalars(query))

@@ -25,8 +25,18 @@ def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | N
     return job
 
 
-def get_job_for_request(session: Session, request_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.request_id == request_id))
+def get_job_for_request(session: Session, request_id: str, kind: str = "unlearn") -> Job | None:
+    """The request's own job (kind "unlearn"), or its latest withdrawal job (kind "withdraw")."""
+    query = select(Job).where(Job.request_id == request_id, Job.kind == kind)
+    return session.scalars(query.order_by(Job.created_at.desc()).limit(1)).first()
+
+
+def withdrawal_jobs(session: Session, request_ids: list[str]) -> dict[str, Job]:
+    """The latest withdrawal job of each of these requests that has one."""
+    if not request_ids:
+        return {}
+    query = select(Job).where(Job.request_id.in_(request_ids), Job.kind == "withdraw").order_by(Job.created_at)
+    return {job.request_id: job for job in session.scalars(query)}
 
 
 def try_lease(

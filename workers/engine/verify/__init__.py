@@ -19,7 +19,8 @@ _EXPORTS = {
     "auc": "mia", "min_k_plus_plus_score": "mia", "min_k_score": "mia", "privleak": "mia",
     "relearn_probe": "relearn",
     "EvalItem": "scoring", "score_items": "scoring", "to_eval_items": "scoring",
-    "EvalConfig": "suite", "evaluate": "suite", "general_set": "suite", "set_metrics": "suite",
+    "EvalConfig": "suite", "evaluate": "suite", "evaluate_forget": "suite", "general_set": "suite",
+    "set_metrics": "suite",
     "BOUNDS": "verdict", "Thresholds": "verdict", "Verdict": "verdict", "bounded": "verdict", "judge": "verdict",
 }
 
@@ -39,6 +40,7 @@ __all__ = [
     "auc",
     "bounded",
     "evaluate",
+    "evaluate_forget",
     "general_set",
     "judge",
     "min_k_plus_plus_score",

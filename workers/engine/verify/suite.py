@@ -143,6 +143,18 @@ def _mia_metrics(
     return metrics
 
 
+def evaluate_forget(model: nn.Module, tokenizer: Any, forget: Iterable[Any], cfg: EvalConfig | None = None,
+                    ) -> dict[str, Any]:
+    """The "forget" section of `evaluate` alone: an earlier request's items re-checked on a later model."""
+    cfg = cfg or EvalConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        return set_metrics(model, tokenizer, to_eval_items(forget)[: cfg.max_forget], cfg)[0]
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
