@@ -79,8 +79,8 @@ def seal(session: Session, settings: Settings, request_id: str, tenant: str, ite
     sealer = Sealer(key_path(settings, request_id))  # a new key (or the one a rolled-back try made)
     ciphertext = sealer.seal(json.dumps(items).encode(), request_id)
     if contribution is not None:
-        replace_synced(contribution_path(settings, request_id),
-                          sealer.seal(contribution, _contribution_label(request_id)))
+        sealed_terms = sealer.seal(contribution, _contribution_label(request_id))
+        replace_synced(contribution_path(settings, request_id), sealed_terms)
     now = utcnow()
     row = probes.add_probe(session, RequestProbe(
         request_id=request_id, tenant=tenant, ciphertext=ciphertext, n_items=len(items),
@@ -128,7 +128,7 @@ def _why_closed(settings: Settings, row: RequestProbe | None) -> str | None:
     if row is None:
         return "no probes were kept (published before probes existed, or retention 0)"
     if row.shredded_at is not None or row.ciphertext is None:
-        return f"probes shredded at the end of their retention window ({_iso(row.shredded_at)})"
+        return f"probes shredded at {_iso(row.shredded_at)} (retention window ended, or the request was withdrawn)"
     if not key_path(settings, row.request_id).exists():
         return "its probe key is gone"
     return None

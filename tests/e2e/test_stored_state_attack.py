@@ -11,8 +11,9 @@ of x_v that lies in the top-k eigenvectors U_k of the stolen Gram (the direction
 The highest-scoring ordinary tokens are the guess at the forget text. Measured on the default model (4
 items about a made-up person, k = 64): 22 of the top 40 guesses are tokens of the forget text that
 ordinary text does not use (" Fen", " Br"+"indle", " Har"+"gate", " Qu", " Ter", " Clinic", " physician",
-" badge", "Dr", ...), out of a 49k-token vocabulary. Other scores (the Rayleigh quotient, a ratio against a Gram of ordinary text, token alone at
-position 0) were drowned by special and junk tokens. So the service never writes the state in the clear:
+" badge", "Dr", ...), out of a 49k-token vocabulary. Other scores (the Rayleigh quotient, a ratio against
+a Gram of ordinary text, the token alone at position 0) were drowned by special and junk tokens. So the
+service never writes the state in the clear:
 a version's fusion state is sealed (AES-GCM, key outside the store, service/domain/sealing.py), and the
 same attack on the stored file has nothing to read.
 """

@@ -98,7 +98,7 @@ def test_worker_takes_job_from_queued_to_succeeded_with_progress(api, make_key, 
         types = [e.event_type for e in session.scalars(select(AuditEvent).order_by(AuditEvent.seq))]
         assert session.scalar(select(ForgetPayload)) is None  # raw forget data purged at the end
     assert types[0] == "request.received" and "job.started" in types and "job.progress" in types
-    assert types[-3:] == ["version.published", "job.succeeded", "payload.purged"]
+    assert types[-4:] == ["version.published", "request.probes_sealed", "job.succeeded", "payload.purged"]
     assert api.get("/v1/audit/verify", headers=make_key(role="auditor")).json()["valid"] is True
 
 
