@@ -1,7 +1,8 @@
 """`unlearn bench api`: latency percentiles and throughput of POST /v1/deletion-requests and GET /v1/jobs/{id}.
 
-A live `unlearn serve --no-worker` process (embedded Redis, SQLite in a fresh data dir, the configured
-model loaded for serving) on a free loopback port; `clients` concurrent asyncio httpx clients, each
+A live `unlearn serve --no-worker --workers W` (for each W in `workers`: W API processes on one port;
+embedded Redis, SQLite in a fresh data dir or the given database, the configured model loaded for serving)
+on a free loopback port; `clients` concurrent asyncio httpx clients, each
 looping POST a small deletion request -> GET its job, until `requests` POSTs are done or `duration`
 seconds pass (bounded in count and time). The per-key submit rate limit (default 30/minute) is raised
 for the run (UNLEARN_RATE_LIMIT_REQUESTS), and so is the tenant's active-job cap (jobs stay queued with
@@ -40,6 +41,8 @@ class ApiOptions:
     duration: float = 60.0
     startup_timeout: float = 180.0
     rate_limit: str = "1000000/minute"  # per key; the default 30/minute would answer 429 to a load test
+    workers: tuple[int, ...] = (1,)  # API processes, one server start each
+    database_url: str | None = None  # an empty database (PostgreSQL to scale); None: SQLite in the data dir
 
 
 def free_port() -> int:
@@ -52,16 +55,27 @@ def server_env(data_dir: Path, opts: ApiOptions) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_")}
     env.update(UNLEARN_DATA_DIR=str(data_dir), UNLEARN_MODEL=opts.model, HF_HUB_OFFLINE="1",
                UNLEARN_RATE_LIMIT_REQUESTS=opts.rate_limit,
-               UNLEARN_MAX_ACTIVE_JOBS_PER_TENANT=str(opts.requests + 1))
+               UNLEARN_MAX_ACTIVE_JOBS_PER_TENANT=str(len(opts.workers) * opts.requests + 1))
+    if opts.database_url:
+        env["UNLEARN_DATABASE_URL"] = opts.database_url
     return env
 
 
-def start_server(data_dir: Path, opts: ApiOptions, port: int) -> subprocess.Popen:
-    """`unlearn serve --no-worker`; the model cache is linked in so the base is not rebuilt."""
-    (data_dir / "models").symlink_to(Path(opts.cache_dir).resolve(), target_is_directory=True)
-    with open(data_dir / "server.log", "wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)],
-                                env=server_env(data_dir, opts), stdout=log, stderr=subprocess.STDOUT)
+def start_server(data_dir: Path, opts: ApiOptions, port: int, workers: int = 1) -> subprocess.Popen:
+    """`unlearn serve --no-worker --workers N`; the model cache is linked in so the base is not rebuilt."""
+    if not (data_dir / "models").exists():
+        (data_dir / "models").symlink_to(Path(opts.cache_dir).resolve(), target_is_directory=True)
+    command = [sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port), "--workers", str(workers)]
+    with open(data_dir / "server.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, env=server_env(data_dir, opts), stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -78,9 +92,9 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float, log: Path) ->
     raise TimeoutError(f"server not ready in {timeout}s:\n{log.read_text()[-2000:]}")
 
 
-def create_key(data_dir: Path, opts: ApiOptions) -> str:
+def create_key(data_dir: Path, opts: ApiOptions, role: str = "requester") -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "service", "keys", "create", "--role", "requester", "--tenant", "bench"],
+        [sys.executable, "-m", "service", "keys", "create", "--role", role, "--tenant", "bench"],
         env=server_env(data_dir, opts), capture_output=True, text=True, check=True,
     )
     return out.stdout.strip().splitlines()[-1]
@@ -137,46 +151,51 @@ async def drive(url: str, key: str, opts: ApiOptions, on_post) -> Samples:
 
 
 def run_api(opts: ApiOptions, bar, out_dir: Path) -> Report:
-    task = bar.add_task("api", total=opts.requests, info="starting server")
+    task = bar.add_task("api", total=opts.requests * len(opts.workers), info="starting server")
+    levels: dict[int, Samples] = {}
     with tempfile.TemporaryDirectory(prefix="unlearn-bench-api-") as tmp:
-        data_dir, port = Path(tmp), free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(data_dir, opts, port)
-        try:
-            wait_ready(url, server, opts.startup_timeout, data_dir / "server.log")
-            key = create_key(data_dir, opts)
-            bar.update(task, info=f"{opts.clients} clients")
-            samples = asyncio.run(drive(url, key, opts, lambda: bar.advance(task)))
-        finally:
-            server.terminate()
+        data_dir = Path(tmp)
+        for workers in opts.workers:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            server = start_server(data_dir, opts, port, workers)
             try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-    return build_report(opts, samples)
+                wait_ready(url, server, opts.startup_timeout, data_dir / "server.log")
+                key = create_key(data_dir, opts)
+                bar.update(task, info=f"{workers} API processes, {opts.clients} clients")
+                levels[workers] = asyncio.run(drive(url, key, opts, lambda: bar.advance(task)))
+            finally:
+                stop_server(server)
+    return build_report(opts, levels)
 
 
-def build_report(opts: ApiOptions, samples: Samples) -> Report:
+def build_report(opts: ApiOptions, levels: dict[int, Samples]) -> Report:
     def stats(values: list[float]) -> list[float]:
         return [percentile(values, q) for q in (50, 95, 99)] + [max(values, default=float("nan"))]
 
-    ops = len(samples.post_ms) + len(samples.get_ms)
-    rows = [["POST /v1/deletion-requests", len(samples.post_ms), *stats(samples.post_ms),
-             len(samples.post_ms) / samples.wall_s],
-            ["GET /v1/jobs/{id}", len(samples.get_ms), *stats(samples.get_ms), len(samples.get_ms) / samples.wall_s]]
-    p99 = percentile(samples.post_ms, 99)
-    report = Report("api", f"API latency under {opts.clients} concurrent clients")
-    report.data = {"post_ms": samples.post_ms, "get_ms": samples.get_ms, "errors": samples.errors,
-                   "wall_s": samples.wall_s, "post_p99_ms": p99,
-                   "statuses": samples.statuses, "first_error": samples.first_error}
+    rows = []
+    for workers, samples in levels.items():
+        rows += [[workers, "POST /v1/deletion-requests", len(samples.post_ms), *stats(samples.post_ms),
+                  len(samples.post_ms) / samples.wall_s],
+                 [workers, "GET /v1/jobs/{id}", len(samples.get_ms), *stats(samples.get_ms),
+                  len(samples.get_ms) / samples.wall_s]]
+    database = "SQLite" if not opts.database_url else opts.database_url.split("://")[0].split("+")[0]
+    report = Report("api", f"API latency under {opts.clients} concurrent clients, {database}")
+    report.data = {str(w): {"post_ms": s.post_ms, "get_ms": s.get_ms, "errors": s.errors, "wall_s": s.wall_s,
+                            "post_p99_ms": percentile(s.post_ms, 99), "statuses": s.statuses,
+                            "first_error": s.first_error} for w, s in levels.items()}
     report.add("Setup", __doc__.split("\n\n", 1)[1].strip() +
-               f"\n\n{opts.clients} clients, at most {opts.requests} POSTs or {opts.duration:.0f} s; "
-               f"model {opts.model}; "
-               f"submit rate limit {opts.rate_limit}.")
-    report.add("Results", markdown_table(["endpoint", "count", "p50 ms", "p95 ms", "p99 ms", "max ms", "per s"], rows)
-               + f"\n\nTotal {ops} requests in {samples.wall_s:.1f} s ({ops / samples.wall_s:.0f}/s), "
-               f"{samples.errors} errors (status counts {samples.statuses}"
-               + (f"; first error body: `{samples.first_error}`" if samples.first_error else "")
-               + f"). POST p99 {p99:.1f} ms (target <= {TARGET_POST_P99_MS:.0f} ms: "
-               f"{'met' if p99 <= TARGET_POST_P99_MS else 'NOT met'}).")
+               f"\n\n{opts.clients} clients, at most {opts.requests} POSTs or {opts.duration:.0f} s per level; "
+               f"model {opts.model}; database {database}; submit rate limit {opts.rate_limit}.")
+    lines = []
+    for workers, samples in levels.items():
+        p99 = percentile(samples.post_ms, 99)
+        ops = len(samples.post_ms) + len(samples.get_ms)
+        lines.append(f"- {workers} API process(es): {ops} requests in {samples.wall_s:.1f} s "
+                     f"({ops / samples.wall_s:.0f}/s), {samples.errors} errors (status counts {samples.statuses}"
+                     + (f"; first error body: `{samples.first_error}`" if samples.first_error else "")
+                     + f"); POST p99 {p99:.1f} ms (target <= {TARGET_POST_P99_MS:.0f} ms: "
+                     f"{'met' if p99 <= TARGET_POST_P99_MS else 'NOT met'}).")
+    report.add("Results", markdown_table(["API processes", "endpoint", "count", "p50 ms", "p95 ms", "p99 ms",
+                                          "max ms", "per s"], rows) + "\n\n" + "\n".join(lines))
     return report

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DEFAULT_TOFU_DIR, RESULTS_DIR, Report, console, progress_bar
+from .common import DEFAULT_TOFU_DIR, RESULTS_DIR, MachineLoad, Report, console, cores, load_average, progress_bar
 
 bench_app = typer.Typer(help="Benchmarks: TOFU forgetting quality, fusion, cost, serving, API.", no_args_is_help=True)
 
@@ -41,10 +41,14 @@ def execute(run: Callable[..., Report], options, out: Path, threads: int = 0) ->
 
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
+    before = load_average()
     with progress_bar() as bar:
         report = run(options, bar, out)
+    report.load = MachineLoad(before, load_average(), cores())
     path = report.write(out)
     typer.echo(path.read_text(encoding="utf-8"))
+    if report.load.noisy:
+        console.print(f"[red]{report.load.line()}[/red]: re-run on an idle machine before publishing")
     console.print(f"[green]wrote[/green] {path}")
     return path
 
@@ -119,17 +123,19 @@ def cost(
 
 @bench_app.command("serving")
 def serving(
-    tokens: Annotated[int, typer.Option(help="new tokens per generation")] = 64,
-    repeats: Annotated[int, typer.Option(help="single-client runs per model (median)")] = 3,
-    concurrency: Annotated[int, typer.Option(help="concurrent clients")] = 4,
+    clients: Annotated[str, typer.Option(help="comma list of concurrent HTTP clients ('' skips the load test)")]
+    = "1,8,16",
+    tokens: Annotated[int, typer.Option(help="new tokens per decode-speed run")] = 64,
+    repeats: Annotated[int, typer.Option(help="decode-speed runs per model and batch (median)")] = 3,
+    batch: Annotated[int, typer.Option(help="the larger decode-speed batch")] = 8,
     model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "auto",
     out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
 ) -> None:
-    """Decode tokens/s and TTFT: base vs fused bottleneck vs fused LoRA, single and concurrent."""
+    """Throughput and latency under 1..N concurrent HTTP clients; decode speed of base vs fused layers."""
     from .serving import ServingOptions, run_serving
 
     options = ServingOptions(model=model, cache_dir=models_dir(cache_dir), device=device, tokens=tokens,
-                             repeats=repeats, concurrency=concurrency)
+                             repeats=repeats, batch=batch, clients=tuple(int(c) for c in split(clients)))
     execute(run_serving, options, out, threads)
 
 
@@ -184,11 +190,15 @@ def api(
     clients: Annotated[int, typer.Option(help="concurrent async clients")] = 50,
     requests: Annotated[int, typer.Option(help="POSTs at most")] = 1000,
     duration: Annotated[float, typer.Option(help="seconds at most")] = 60.0,
+    workers: Annotated[str, typer.Option(help="comma list of API process counts, one server each")] = "1",
+    database_url: Annotated[str | None, typer.Option(help="an empty database (default: SQLite in a temp dir)")]
+    = None,
     model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, out: OutOpt = RESULTS_DIR,
 ) -> None:
     """POST deletion-request / GET job latency percentiles and throughput against a live server."""
     from .api import ApiOptions, run_api
 
     options = ApiOptions(model=model, cache_dir=models_dir(cache_dir), clients=clients, requests=requests,
-                         duration=duration)
+                         duration=duration, workers=tuple(int(w) for w in split(workers)),
+                         database_url=database_url)
     execute(run_api, options, out)

@@ -51,13 +51,40 @@ def machine() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
     return info
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """1-minute load averages around a run. A run is noisy when something else was busy before it started
+    (load above half the cores) or beside it (load after above the run's own cores + 1): its figures are
+    then not results (published serving figures were once 15x off for that reason)."""
+
+    before: float
+    after: float
+    cores: int
+
+    @property
+    def noisy(self) -> bool:
+        return self.before > self.cores / 2 or self.after > self.cores + 1
+
+    def line(self) -> str:
+        verdict = "NOISY: the machine was busy, these figures are not results" if self.noisy else "idle machine"
+        return f"load average (1 min) before {self.before:.2f}, after {self.after:.2f} on {self.cores} cores: {verdict}"
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
 def machine_line() -> str:
@@ -90,13 +117,15 @@ class Report:
     title: str
     sections: list[tuple[str, str]] = field(default_factory=list)  # (heading, markdown body)
     data: dict[str, Any] = field(default_factory=dict)  # raw numbers, also written as name.json
+    load: MachineLoad | None = None  # set by the runner around the whole benchmark
 
     def add(self, heading: str, body: str) -> None:
         self.sections.append((heading, body))
 
     def render(self, command: str, machine_text: str, date: str) -> str:
-        head = [f"# {self.title}", "", f"- command: `{command}`", f"- machine: {machine_text}",
-                f"- date: {date}", ""]
+        noisy = " (NOISY)" if self.load is not None and self.load.noisy else ""
+        head = [f"# {self.title}{noisy}", "", f"- command: `{command}`", f"- machine: {machine_text}",
+                f"- date: {date}"] + ([f"- {self.load.line()}"] if self.load is not None else []) + [""]
         body = [f"## {heading}\n\n{text}\n" for heading, text in self.sections]
         return "\n".join(head + body)
 
@@ -108,7 +137,9 @@ class Report:
         command = command_line()
         path = out_dir / f"{self.name}.md"
         path.write_text(self.render(command, machine_line(), date), encoding="utf-8")
-        meta = {"command": command, "machine": machine(), "date": date, "data": self.data}
+        meta = {"command": command, "machine": machine(), "date": date, "data": self.data,
+                "load": None if self.load is None else {"before": self.load.before, "after": self.load.after,
+                                                        "cores": self.load.cores, "noisy": self.load.noisy}}
         (out_dir / f"{self.name}.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         return path
 

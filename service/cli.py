@@ -68,6 +68,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not start a worker process")] = False,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, max=64, help="API processes on this port (each serves the model; use PostgreSQL)")] = 1,
 ) -> None:
     """Start everything on one machine: embedded Redis (unless UNLEARN_REDIS_URL), migrations, one worker, the API."""
     from service.domain.broker import check_redis
@@ -82,7 +84,7 @@ def serve(
             _bootstrap_admin(settings)
             if not no_worker:
                 children.callback(stop_process, _start_worker(), timeout=30)
-            _run_api(settings, host, port)
+            _run_api(settings, host, port, workers)
     except ConfigError as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -124,8 +126,11 @@ def _start_worker() -> subprocess.Popen[bytes]:
                             preexec_fn=die_with_parent())
 
 
-def _run_api(settings: Settings, host: str, port: int) -> None:
-    """Serve the API until SIGINT or SIGTERM (in the main thread: the children's PDEATHSIG is tied to it)."""
+def _run_api(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """Serve the API until SIGINT or SIGTERM (in the main thread: the children's PDEATHSIG is tied to it).
+
+    workers > 1: uvicorn's supervisor forks that many API processes sharing the port; each builds its app
+    from the environment (service.api.app:serving_app), serves the model and batches its own requests."""
     import uvicorn
 
     from service.api.app import create_app
@@ -136,7 +141,14 @@ def _run_api(settings: Settings, host: str, port: int) -> None:
     database = settings.db_url.split("@")[-1]
     console.print(f"data dir {settings.data_dir}; database {database}; broker {settings.redis_url}")
     console.print("create a key:  unlearn keys create --role requester --tenant acme")
-    uvicorn.run(create_app(settings, serve_model=True), host=host, port=port, log_level="info")
+    if workers == 1:
+        uvicorn.run(create_app(settings, serve_model=True), host=host, port=port, log_level="info")
+        return
+    if settings.db_url.startswith("sqlite"):
+        console.print(f"[yellow]{workers} API processes on SQLite: writes queue on one file lock; "
+                      "use PostgreSQL (UNLEARN_DATABASE_URL) to scale[/yellow]")
+    uvicorn.run("service.api.app:serving_app", factory=True, workers=workers, host=host, port=port,
+                log_level="info")
 
 
 def _bootstrap_admin(settings: Settings) -> None:

@@ -53,6 +53,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper.stop()
 
 
+def serving_app() -> FastAPI:
+    """The app of one of `unlearn serve --workers N`'s processes: settings from the environment."""
+    from service.domain.logging import configure_logging
+
+    configure_logging()
+    return create_app(get_settings(), serve_model=True)
+
+
 def create_app(settings: Settings | None = None, *, serve_model: bool = False) -> FastAPI:
     settings = settings or get_settings()
     check_data_dir(settings)

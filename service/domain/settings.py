@@ -102,6 +102,8 @@ class Settings(BaseSettings):
 
     # serving (OpenAI-compatible endpoints of `unlearn serve`)
     max_new_tokens: int = Field(512, ge=1, le=32768)  # cap on max_tokens per choice
+    serving_max_batch: int = Field(16, ge=1, le=1024)  # sequences decoded together (continuous batching)
+    serving_max_queue: int = Field(64, ge=1, le=100_000)  # requests waiting for room; more get 429
     serving_poll_seconds: float = Field(2.0, gt=0)  # db poll for the active version (Redis only hints)
     guard_ngram: int = Field(8, ge=0, le=64)  # pending-request output guard: word n-gram length; 0 = off
 

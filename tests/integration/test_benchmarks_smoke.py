@@ -73,19 +73,24 @@ def test_cost_bench_reports_both_ratios(tmp_path: Path, cache_dir: Path) -> None
     assert data["ratio"] > 0 and data["ratio_full_tofu"] > data["ratio"]
 
 
-def test_serving_bench_compares_fused_models_with_base(tmp_path: Path, cache_dir: Path) -> None:
-    run_bench(["serving", "--tokens", "4", "--repeats", "1", "--concurrency", "2"], tmp_path, cache_dir)
+def test_serving_bench_loads_the_http_api_and_compares_fused_models_with_base(tmp_path: Path, cache_dir: Path) -> None:
+    run_bench(["serving", "--clients", "1,2", "--tokens", "4", "--repeats", "1", "--batch", "2"], tmp_path, cache_dir)
     text = report_text(tmp_path, "serving")
-    assert "fused bottleneck" in text and "fused LoRA (merged)" in text
-    rates = json.loads((tmp_path / "serving.json").read_text())["data"]["single_tokens_per_s"]
-    assert all(rate > 0 for rate in rates.values())
+    assert "fused bottleneck" in text and "fused LoRA (merged)" in text and "aggregate tokens/s" in text
+    meta = json.loads((tmp_path / "serving.json").read_text())
+    assert all(rate > 0 for rate in meta["data"]["decode_tokens_per_s"].values())
+    assert {level: meta["data"]["load"][level]["tokens"] > 0 for level in ("1", "2")} == {"1": True, "2": True}
+    assert set(meta["load"]) == {"before", "after", "cores", "noisy"} and "load average (1 min) before" in text
 
 
-def test_api_bench_measures_a_live_server(tmp_path: Path, cache_dir: Path) -> None:
-    run_bench(["api", "--clients", "4", "--requests", "12", "--duration", "30"], tmp_path, cache_dir)
+def test_api_bench_measures_a_live_server_per_api_process_count(tmp_path: Path, cache_dir: Path) -> None:
+    run_bench(["api", "--clients", "4", "--requests", "12", "--duration", "30", "--workers", "1,2"], tmp_path,
+              cache_dir)
     report_text(tmp_path, "api")
     data = json.loads((tmp_path / "api.json").read_text())["data"]
-    assert len(data["post_ms"]) == 12 and len(data["get_ms"]) == 12 and data["errors"] == 0
+    for workers in ("1", "2"):
+        assert len(data[workers]["post_ms"]) == 12 and len(data[workers]["get_ms"]) == 12
+        assert data[workers]["errors"] == 0
 
 
 def test_percentile_interpolates_between_order_statistics() -> None:

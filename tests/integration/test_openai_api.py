@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -192,6 +193,58 @@ def test_metrics_count_requests_tokens_and_served_version(client, server):
     assert re.search(
         r'unlearn_http_request_duration_seconds_count\{method="POST",route="/v1/completions"\} [1-9]', text
     )
+
+
+# ------------------------------------------------------------------ batching across requests
+
+
+def test_concurrent_clients_are_decoded_in_one_batch(client, server):
+    """Eight clients at once: every answer is complete, and steps ran with several sequences together."""
+    def steps_of_one() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return float(re.search(r'^unlearn_serving_batch_sequences_bucket\{le="1.0"\} (\S+)$', text, re.M).group(1))
+
+    def total_steps() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return float(re.search(r"^unlearn_serving_batch_sequences_count (\S+)$", text, re.M).group(1))
+
+    before_one, before_all = steps_of_one(), total_steps()
+    scheduler = server.holder.current().scheduler
+    with ThreadPoolExecutor(8) as pool:
+        with server.holder.compute_lock:  # all eight are queued before the first step runs
+            futures = [pool.submit(client.completions.create, model=MODEL, prompt=f"Story {i}:", max_tokens=16,
+                                   temperature=0) for i in range(8)]
+            wait_until(lambda: scheduler.waiting + scheduler.running == 8)
+        completions = [f.result() for f in futures]
+    assert all(c.usage.completion_tokens >= 1 for c in completions)
+    batched_steps = (total_steps() - before_all) - (steps_of_one() - before_one)
+    assert batched_steps >= 1
+
+
+@pytest.fixture
+def busy_server(make_settings, db_url: str, redis_url: str) -> Iterator[LiveServer]:
+    """One sequence at a time, one request waiting: the third concurrent request finds the queue full."""
+    settings = make_settings(database_url=db_url, redis_url=redis_url, serving_max_batch=1, serving_max_queue=1)
+    with serving(settings) as live:
+        yield live
+
+
+def test_a_full_queue_is_429_with_retry_after_and_the_queued_requests_finish(busy_server):
+    key = create_key(busy_server.app.state.settings.db_url, "inference")
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    post = lambda: httpx.post(f"{busy_server.url}/v1/completions", json=body,  # noqa: E731
+                              headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    scheduler = busy_server.holder.current().scheduler
+    with ThreadPoolExecutor(2) as pool:
+        with busy_server.holder.compute_lock:
+            running = pool.submit(post)
+            wait_until(lambda: scheduler.running == 1)  # admitted: its prefill waits for the lock
+            queued = pool.submit(post)
+            wait_until(lambda: scheduler.waiting == 1)
+            refused = post()
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "server_busy"
+    assert running.result().status_code == 200 and queued.result().status_code == 200
 
 
 # ------------------------------------------------------------------ the pending-request guard

@@ -285,3 +285,31 @@ def test_serve_shuts_down_a_redis_left_by_a_crashed_run_and_keeps_its_queue(plai
         if leftover.poll() is None:
             leftover.kill()
             leftover.wait()
+
+
+def spawned_api_processes(pid: int) -> list[int]:
+    """uvicorn's worker processes below `pid` (multiprocessing spawn children)."""
+    found = []
+    for child in descendants(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            continue
+    return found
+
+
+def test_serve_with_workers_runs_that_many_api_processes_and_stops_them_all(plain_env, tmp_path):
+    with serving(plain_env, tmp_path / "serve.log", "--no-worker", "--workers", "2") as (process, url):
+        assert eventually(lambda: len(spawned_api_processes(process.pid)) == 2, timeout=30)
+        # /readyz answered by one process: ask until ten in a row say ready (both have loaded the model)
+        assert eventually(lambda: all(httpx.get(f"{url}/readyz").status_code == 200 for _ in range(10)), timeout=60)
+        headers = {"Authorization": f"Bearer {new_key(plain_env, 'inference')}"}
+        body = {"model": "tiny-random-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        answers = [httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 6, answers[-1].text
+        assert len({a.json()["choices"][0]["text"] for a in answers}) == 1  # one model, one greedy answer
+        started = descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert eventually(lambda: not any(alive(pid) for pid in started), timeout=10), [p for p in started if alive(p)]

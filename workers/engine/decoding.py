@@ -2,8 +2,10 @@
 
 A batch of prompts is left-padded to one width, so every row's next token comes from position -1. Each
 row's position ids count only its own tokens (attention_mask.cumsum - 1), as Hugging Face `generate` does,
-so a padded row decodes exactly as it would alone. An unpadded batch (serving: the n choices of one
-prompt) passes no mask and no position ids and leaves the model its own causal path, the fastest one.
+so a padded row decodes exactly as it would alone. Rows may join and leave a running batch between steps
+(DecodeBatch: the serving scheduler's continuous batching). A batch without padding (one client, or the n
+choices of one prompt) passes no mask and no position ids and leaves the model its own causal path, the
+fastest one.
 
 A sequence ends at a stop token: the tokenizer's EOS or the model's generation-config EOS (chat models
 end a turn with their own), `stop_token_ids`, the one place they are collected.
@@ -34,49 +36,114 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     return frozenset(stops)
 
 
-class KVDecoder:
-    """Forward passes over a batch of prompts, one step at a time: next_logits(), then feed(the tokens
-    chosen from them), repeated. How tokens are chosen and when to stop is the caller's.
+class DecodeBatch:
+    """Rows of different lengths decoding together, one forward pass per step for all of them.
+
+    ids and attention mask are left-padded to one width, (B, T), and the KV cache carries the same padding
+    (zero keys/values under mask 0), so rows may join (`add`: their prompts are prefilled, padded to the
+    batch's width or the batch to theirs) and leave (`keep`) between steps: continuous batching. Each row's
+    position ids count only its own tokens (mask.cumsum - 1), as Hugging Face `generate` does, so a row
+    decodes as it would alone.
 
     `lock` is held for each forward pass (serving: one pass at a time per process). A model that returns no
-    KV cache (a hand-built test model) is fed the whole sequence at every step.
+    KV cache, or one whose cache is not a plain per-layer (B, H, T, D) cache, is fed the whole sequence at
+    every step instead: slower, same tokens.
     """
 
-    def __init__(self, model: nn.Module, prompts: Sequence[list[int]], pad_id: int = 0,
-                 lock: AbstractContextManager | None = None) -> None:
+    def __init__(self, model: nn.Module, pad_id: int = 0, lock: AbstractContextManager | None = None) -> None:
         import torch
 
-        device = next(model.parameters()).device
+        self.model, self.pad_id, self.lock = model, pad_id, lock or nullcontext()
+        self.device = next(model.parameters()).device
+        self.ids = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T)
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T) 1 = real token
+        self.cache: Any = None  # the model's KV cache of all rows, or None (fed whole sequences)
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
+
+    def add(self, prompts: Sequence[list[int]]) -> Tensor:
+        """Prefill `prompts` as new rows at the end of the batch; returns their next-token logits (k, V)."""
+        import torch
+
         width = max(len(p) for p in prompts)
-        self.model, self.lock = model, lock or nullcontext()
-        self.ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts],
-                                dtype=torch.long, device=device)  # (B, T)
-        self.mask = None  # (B, T) 1 = real token; None while no row is padded
-        if any(len(p) < width for p in prompts):
-            self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                                     dtype=torch.long, device=device)
-        self.pending = self.ids  # what the next pass reads: the prompts (B, T), then new tokens (B, 1)
-        self.past: Any = None
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts],
+                           dtype=torch.long, device=self.device)  # (k, W)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            dtype=torch.long, device=self.device)  # (k, W)
+        logits, cache = self._forward(ids, mask, None)
+        if self.rows and (self.cache is None) != (cache is None):
+            raise RuntimeError("the model returned a KV cache for some passes and not for others")
+        if self.rows == 0:
+            self.ids, self.mask, self.cache = ids, mask, cache
+            return logits
+        grow_old, grow_new = max(0, width - self.ids.shape[1]), max(0, self.ids.shape[1] - width)
+        self.ids = torch.cat([_left_pad(self.ids, grow_old, self.pad_id), _left_pad(ids, grow_new, self.pad_id)])
+        self.mask = torch.cat([_left_pad(self.mask, grow_old, 0), _left_pad(mask, grow_new, 0)])
+        if self.cache is not None:
+            for old, new in zip(_cache_layers(self.cache), _cache_layers(cache)):
+                old.keys = torch.cat([_left_pad(old.keys, grow_old, 0.0), _left_pad(new.keys, grow_new, 0.0)])
+                old.values = torch.cat([_left_pad(old.values, grow_old, 0.0),
+                                        _left_pad(new.values, grow_new, 0.0)])
+        return logits
 
-    def next_logits(self) -> Tensor:
-        """(B, V) fp32 logits of every row's next token."""
-        inputs = {"input_ids": self.pending, "past_key_values": self.past, "use_cache": True}
-        if self.mask is not None:
-            positions = (self.mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): pads sit at 0, ignored anyway
-            inputs |= {"attention_mask": self.mask, "position_ids": positions[:, -self.pending.shape[1]:]}
-        with self.lock:
-            out = self.model(**inputs)
-        self.past = getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :].float()
-
-    def feed(self, tokens: Tensor) -> None:
-        """Append one token per row, (B,): the next pass reads them."""
+    def step(self, tokens: Tensor) -> Tensor:
+        """Append one token per row, (B,), and return every row's next-token logits (B, V)."""
         import torch
 
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
-        self.pending = self.ids if self.past is None else tokens[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
+        fed = self.ids if self.cache is None else tokens[:, None]
+        logits, self.cache = self._forward(fed, self.mask, self.cache)
+        return logits
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order); columns that are padding in every remaining row are dropped."""
+        import torch
+
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        self.ids, self.mask = self.ids[index], self.mask[index]
+        real = self.mask.any(dim=0).nonzero()
+        first = int(real[0]) if len(real) else self.mask.shape[1]
+        self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
+        if self.cache is not None:
+            if not len(rows):
+                self.cache = None
+                return
+            for layer in _cache_layers(self.cache):
+                layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+
+    def _forward(self, fed: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        inputs = {"input_ids": fed, "past_key_values": cache, "use_cache": True}
+        if not bool(mask.all()):
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): pads sit at 0, masked anyway
+            inputs |= {"attention_mask": mask, "position_ids": positions[:, -fed.shape[1]:]}
+        with self.lock:
+            out = self.model(**inputs)
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None and _cache_layers(cache) is None:
+            cache = None  # not a cache rows can join or leave: feed whole sequences instead
+        return out.logits[:, -1, :].float(), cache
+
+
+def _left_pad(tensor: Tensor, columns: int, value: float) -> Tensor:
+    """Pad the sequence dimension on the left: dim 1 of (B, T) ids/masks, dim 2 of (B, H, T, D) KV."""
+    if columns == 0:
+        return tensor
+    import torch.nn.functional as F
+
+    pad = (columns, 0) if tensor.dim() == 2 else (0, 0, columns, 0)
+    return F.pad(tensor, pad, value=value)
+
+
+def _cache_layers(cache: Any) -> list[Any] | None:
+    """The per-layer (keys, values) holders of a transformers DynamicCache; None for any other cache (sliding
+    windows, static or quantised caches keep state that rows cannot simply be concatenated into)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    return list(layers)
 
 
 def greedy_generate(
@@ -125,18 +192,19 @@ def _decode_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens
                   stops: Collection[int], choose: Callable[[Tensor], Tensor]) -> list[list[int]]:
     import torch
 
-    decoder = KVDecoder(model, prompts, pad_id)
-    stop_tensor = torch.tensor(sorted(stops) or [-1], device=decoder.ids.device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=decoder.ids.device)  # (B,)
+    batch = DecodeBatch(model, pad_id)
+    stop_tensor = torch.tensor(sorted(stops) or [-1], device=batch.device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=batch.device)  # (B,)
     new_tokens: list[Tensor] = []
     with torch.no_grad():
+        logits = batch.add(prompts) if max_new_tokens > 0 else None
         for _ in range(max_new_tokens):
-            token = choose(decoder.next_logits()).masked_fill(done, pad_id)  # (B,) ended rows get padding
+            token = choose(logits).masked_fill(done, pad_id)  # (B,) ended rows get padding
             new_tokens.append(token)
             done |= torch.isin(token, stop_tensor)
             if bool(done.all()):
                 break
-            decoder.feed(token)
+            logits = batch.step(token)
     if not new_tokens:
         return [[] for _ in prompts]
     return [_until_stop(row, stops) for row in torch.stack(new_tokens, dim=1).tolist()]

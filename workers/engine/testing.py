@@ -101,3 +101,14 @@ def tiny_model(family: TinyFamily = "llama", seed: int = 0) -> PreTrainedModel:
         torch.manual_seed(seed)
         model = model_class(config)
     return model.eval()
+
+
+def sharp_tiny_model(family: TinyFamily = "llama", seed: int = 0) -> PreTrainedModel:
+    """tiny_model with its weight matrices scaled 8x: a random model's greedy path is otherwise one repeated
+    token, and decoding tests need distinct tokens with clear margins."""
+    model = tiny_model(family, seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.mul_(8.0)
+    return model

@@ -22,8 +22,9 @@ from service.api.openai_protocol import (
     Usage,
 )
 from service.api.serving import endpoint
-from service.api.serving.endpoint import Delta, Generation, PromptJob, RequestMetrics
+from service.api.serving.endpoint import Delta, Generation, RequestMetrics
 from service.api.serving.generation import chat_prompt_ids, content_text
+from service.api.serving.scheduler import Prompt
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -48,7 +49,7 @@ async def create_chat_completion(
     requested = body.max_completion_tokens or body.max_tokens
     params = endpoint.sampling_params(body, len(prompt_ids), served.context_length, requested,
                                       settings.max_new_tokens)
-    generation = Generation(holder, served, [PromptJob(prompt_ids, "", 0)], params)
+    generation = Generation(holder, served, [Prompt(prompt_ids)], params, bool(body.stream))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name,
             "system_fingerprint": served.fingerprint}
     metrics = RequestMetrics(request, "chat", bool(body.stream))

@@ -13,8 +13,9 @@ from fastapi.responses import Response
 from service.api.deps import GenerateDep, SettingsDep
 from service.api.openai_protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from service.api.serving import endpoint
-from service.api.serving.endpoint import Delta, Generation, PromptJob, RequestMetrics
+from service.api.serving.endpoint import Delta, Generation, RequestMetrics
 from service.api.serving.generation import completion_prompt_ids
+from service.api.serving.scheduler import Prompt
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -36,9 +37,9 @@ async def create_completion(
     n = body.n or 1
     params = [endpoint.sampling_params(body, len(ids), served.context_length, body.max_tokens,
                                        settings.max_new_tokens) for ids in encoded]
-    jobs = [PromptJob(ids, prompt, i * n) for i, (ids, prompt) in enumerate(zip(encoded, prompts))]
+    jobs = [Prompt(ids, prompt, i * n) for i, (ids, prompt) in enumerate(zip(encoded, prompts))]
     # one SamplingParams for all prompts: the tightest max_new_tokens (differs only near the context limit)
-    generation = Generation(holder, served, jobs, min(params, key=lambda p: p.max_new_tokens))
+    generation = Generation(holder, served, jobs, min(params, key=lambda p: p.max_new_tokens), bool(body.stream))
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name,
             "system_fingerprint": served.fingerprint}
     metrics = RequestMetrics(request, "completions", bool(body.stream))

@@ -1,5 +1,5 @@
-"""What the chat and completions routers share: pinning the served version, sampling parameters, running a
-generation in its own thread (never on the event loop), server-sent events and metrics."""
+"""What the chat and completions routers share: pinning the served version, sampling parameters, queueing a
+generation on the version's batch scheduler (never on the event loop), server-sent events and metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from service.api.openai_protocol import OpenAIRequest
-from service.api.serving.generation import ChoiceResult, GenerationResult, OnDelta, SamplingParams
+from service.api.serving.generation import GenerationResult, SamplingParams
+from service.api.serving.scheduler import Prompt, SubmitCallbacks
 from service.domain.errors import NotFound, ServiceError, Unavailable, error_body
 
 VERSION_HEADER = "X-Model-Version"
@@ -82,13 +83,6 @@ def sampling_params(body: OpenAIRequest, prompt_tokens: int, context_length: int
     )
 
 
-@dataclass(frozen=True)
-class PromptJob:
-    prompt_ids: list[int]
-    guard_context: str  # text a reproduction may start in (completions: the prompt); "" for chat
-    first_index: int  # choice index of this prompt's first choice
-
-
 @dataclass
 class Delta:
     index: int
@@ -97,65 +91,47 @@ class Delta:
 
 
 class Generation:
-    """One request's generation: its prompts run one after another in a dedicated thread."""
+    """One request's generation on its pinned version's batch scheduler. Created inside the request handler:
+    the request is queued at once, so a full queue is a 429 before any response (or stream) starts."""
 
-    def __init__(self, holder: Any, served: Any, jobs: list[PromptJob], params: SamplingParams) -> None:
-        self.holder, self.served, self.jobs, self.params = holder, served, jobs, params
+    def __init__(self, holder: Any, served: Any, prompts: list[Prompt], params: SamplingParams,
+                 stream: bool) -> None:
+        self.served, self.params = served, params
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancel = threading.Event()
+        on_delta = (lambda i, t, f: self._put(Delta(i, t, f))) if stream else None
+        holder.submit(served, prompts, params, SubmitCallbacks(self._put, on_delta, self._cancel.is_set))
 
-    def _run(self, on_delta: OnDelta | None, cancelled: Callable[[], bool]) -> GenerationResult:
-        choices: list[ChoiceResult] = []
-        prompt_tokens = completion_tokens = refusals = 0
-        for job in self.jobs:
-            shifted = None if on_delta is None else (lambda i, t, f, o=job.first_index: on_delta(i + o, t, f))
-            result = self.holder.generate(self.served, job.prompt_ids, self.params,
-                                          guard_context=job.guard_context, on_delta=shifted, cancelled=cancelled)
-            choices += [ChoiceResult(c.index + job.first_index, c.text, c.finish_reason, c.tokens)
-                        for c in result.choices]
-            prompt_tokens += result.prompt_tokens
-            completion_tokens += result.completion_tokens
-            refusals += result.guard_refusals
-        return GenerationResult(choices, prompt_tokens, completion_tokens, refusals)
+    def _put(self, item: Any) -> None:
+        """From the scheduler thread: hand a delta, the result or an exception to the request's task."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self._cancel.set()
 
     async def result(self) -> GenerationResult:
-        async for item in self._events(stream=False):
+        async for item in self._events():
             if isinstance(item, GenerationResult):
                 return item
         raise RuntimeError("generation ended without a result")
 
     async def deltas(self) -> AsyncIterator[Delta | GenerationResult]:
         """Text deltas as they are generated, then the GenerationResult."""
-        async for item in self._events(stream=True):
+        async for item in self._events():
             yield item
 
-    async def _events(self, stream: bool) -> AsyncIterator[Delta | GenerationResult]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                cancel.set()
-
-        def work() -> None:
-            try:
-                on_delta = (lambda i, t, f: put(Delta(i, t, f))) if stream else None
-                put(self._run(on_delta, cancel.is_set))
-            except BaseException as exc:  # noqa: BLE001 - handed to the request's task
-                put(exc)
-
-        threading.Thread(target=work, name="generation", daemon=True).start()
+    async def _events(self) -> AsyncIterator[Delta | GenerationResult]:
         try:
             while True:
-                item = await queue.get()
+                item = await self._queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if isinstance(item, GenerationResult):
                     return
         finally:
-            cancel.set()  # client gone or request finished: the thread stops at its next token
+            self._cancel.set()  # client gone or request finished: its rows leave the batch at the next step
 
 
 def usage(result: GenerationResult) -> dict[str, int]:

@@ -1,12 +1,13 @@
 """Text generation for the OpenAI-compatible endpoints: prompt encoding, sampling, incremental decoding with
-stop strings and the pending-request guard. The forward passes (KV cache) and the stop tokens are the
-engine's (workers.engine.decoding), shared with verification and retain generation.
+stop strings and the pending-request guard. The loop that runs them is the batch scheduler (scheduler.py);
+the forward passes (KV cache) and the stop tokens are the engine's (workers.engine.decoding), shared with
+verification and retain generation.
 
 Sampling per step (logits z of the last position, (n, V)):
     temperature 0:  argmax z                                  (greedy: bit-identical across runs)
     otherwise:      p = softmax(z / T); nucleus (Holtzman et al. 2020): keep the smallest set of tokens whose
                     cumulative p reaches top_p, renormalise, draw with a torch.Generator seeded by `seed`.
-The n choices of one request share the prompt, so they run as one batch of n sequences without padding.
+The n choices of one prompt are n rows of the batch, sampled together with the request's own generator.
 
 torch is imported inside the functions that run the model: an API process that serves no model never
 loads it.
@@ -14,13 +15,11 @@ loads it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.api.serving.guard import REFUSAL, GuardIndex, OutputGuard
-from workers.engine.decoding import KVDecoder, stop_token_ids
+from service.api.serving.guard import REFUSAL, OutputGuard
 
 REPLACEMENT_CHAR = "\ufffd"  # a trailing one may be an unfinished multi-byte character
 
@@ -169,54 +168,3 @@ def sample_next(logits: Any, params: SamplingParams, generator: Any) -> Any:
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class Decoder(KVDecoder):
-    """The n choices of one request: n copies of its prompt (no padding), each forward pass under the
-    process's lock (one at a time: CPU/GPU is the shared resource)."""
-
-    def __init__(self, model: Any, prompt_ids: list[int], n: int, lock: threading.Lock) -> None:
-        super().__init__(model, [prompt_ids] * n, lock=lock)
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    *,
-    lock: threading.Lock,
-    guard: GuardIndex,
-    guard_context: str = "",
-    on_delta: OnDelta | None = None,
-    cancelled: Callable[[], bool] = lambda: False,
-) -> GenerationResult:
-    """Run to completion (or cancellation), calling on_delta for every piece of text as it becomes safe."""
-    import torch
-
-    stop_ids = stop_token_ids(model, tokenizer)
-    choices = [ChoiceText(i, tokenizer, params, OutputGuard(guard, guard_context)) for i in range(params.n)]
-    decoder = Decoder(model, prompt_ids, params.n, lock)
-    generator = torch.Generator(device=decoder.pending.device)
-    if params.seed is None:
-        generator.seed()  # fresh entropy for this generator only: the global RNG is left alone
-    else:
-        generator.manual_seed(params.seed)
-    with torch.inference_mode():
-        while not cancelled() and any(c.finish_reason is None for c in choices):
-            tokens = sample_next(decoder.next_logits(), params, generator)  # (n,)
-            for choice, token in zip(choices, tokens.tolist()):
-                if choice.finish_reason is None:
-                    delta = choice.push(token, stop_ids)
-                    if on_delta is not None and (delta or choice.finish_reason):
-                        on_delta(choice.index, delta, choice.finish_reason)
-            decoder.feed(tokens)
-    # nothing was streamed: a refused choice is the refusal alone (a stream keeps its safe prefix)
-    results = [ChoiceResult(c.index, REFUSAL if c.refused and on_delta is None else c.text,
-                            c.finish_reason or "stop", c.tokens) for c in choices]
-    return GenerationResult(
-        choices=results,
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=sum(c.tokens for c in choices),
-        guard_refusals=sum(c.refused for c in choices),
-    )

@@ -9,7 +9,8 @@
   A bottleneck layer lives in forward hooks on its own copy; a LoRA layer is merged into its copy's
   weights. The base object never gets hooks, so it stays version 0.
 - Swap = one reference assignment. A request takes `current()` once and keeps that ServedModel to the end,
-  so in-flight generations finish on the old model while new ones get the new one.
+  so in-flight generations finish on the old model while new ones get the new one. Each ServedModel has
+  its own batch scheduler (scheduler.py): the old one drains while the new one fills.
 - A version that fails to load (corrupt, wrong base) is retried only after RETRY_FAILED_SECONDS (or when
   the active version changes); meanwhile the old one keeps serving. With nothing loaded yet the process is
   not ready (503): it never falls back to the base model, which would serve data a fused version removed.
@@ -29,6 +30,7 @@ import structlog
 from service.api.serving import generation
 from service.api.serving.guard import GuardIndex, guarded_texts
 from service.api.serving.metrics import ServingMetrics
+from service.api.serving.scheduler import BatchScheduler, Prompt, SubmitCallbacks
 from service.domain.db.session import session_scope
 from service.domain.events import CHANNEL
 from service.domain.repositories import deletion_requests, model_versions
@@ -46,6 +48,7 @@ class ServedModel:
     tokenizer: Any
     context_length: int
     loaded_at: float
+    scheduler: BatchScheduler
 
     @property
     def fingerprint(self) -> str:
@@ -65,7 +68,7 @@ class ModelHolder:
 
         self.settings, self.metrics = settings, metrics
         self.store = ModelStore(settings.store_dir)
-        self.compute_lock = threading.Lock()  # one forward pass at a time (generation.Decoder)
+        self.compute_lock = threading.Lock()  # one forward pass at a time (every version's scheduler)
         self._served: ServedModel | None = None
         self._guard = GuardIndex.build(settings.guard_ngram, {})
         self._guard_items: dict[str, list[str]] = {}  # plaintext, in memory only: never logged
@@ -93,11 +96,11 @@ class ModelHolder:
     def model_name(self) -> str:
         return self.settings.model
 
-    def generate(self, served: ServedModel, prompt_ids: list[int], params: generation.SamplingParams,
-                 **kwargs: Any) -> generation.GenerationResult:
-        """Blocking: call from a worker thread."""
-        return generation.generate(served.model, served.tokenizer, prompt_ids, params,
-                                   lock=self.compute_lock, guard=self._guard, **kwargs)
+    def submit(self, served: ServedModel, prompts: list[Prompt], params: generation.SamplingParams,
+               callbacks: SubmitCallbacks) -> None:
+        """Queue a generation on `served`'s batch, guarded against the requests pending now. Never blocks;
+        raises ServerBusy (429) when the queue is full."""
+        served.scheduler.submit(prompts, params, self._guard, callbacks)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -220,4 +223,6 @@ class ModelHolder:
             stored = load_version(self.store, version, base.source_sha256, manifest_sha256)
             model = build_serving_model(base.model, stored.layer, stored.fused_maps)
         context = generation.context_length(model)
-        return ServedModel(version, base.name, model, base.tokenizer, context, time.time())
+        scheduler = BatchScheduler(model, base.tokenizer, self.compute_lock, max_batch=self.settings.serving_max_batch,
+                                   max_queue=self.settings.serving_max_queue, metrics=self.metrics)
+        return ServedModel(version, base.name, model, base.tokenizer, context, time.time(), scheduler)

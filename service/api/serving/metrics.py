@@ -20,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 router = APIRouter(tags=["health"])
@@ -51,6 +52,12 @@ class ServingMetrics:
                                       registry=r)
         self.guard_pending_requests = Gauge("unlearn_guard_pending_requests", "Deletion requests the guard covers",
                                             registry=r)
+        self.serving_batch = Histogram("unlearn_serving_batch_sequences", "Sequences decoded per step",
+                                       buckets=BATCH_BUCKETS, registry=r)
+        self.serving_queue = Gauge("unlearn_serving_queue_requests", "Requests waiting for room in the batch",
+                                   registry=r)
+        self.serving_rejected = Counter("unlearn_serving_rejected", "Requests refused with 429: queue full",
+                                        registry=r)
         self.served_version.set(-1)  # -1 until a model is loaded (or when this process serves none)
 
 
