@@ -165,3 +165,29 @@ def test_the_registry_holds_every_configured_kind_and_names_them_for_an_unknown_
     assert tuple(LAYERS) == LAYER_KINDS and all(LAYERS[kind].kind == kind for kind in LAYER_KINDS)
     with pytest.raises(ValueError, match="'bottleneck', 'lora'"):
         get_layer("adapter")
+
+
+def trained_bottleneck(model) -> AttachedLayerProtocol:
+    attached = attach(model, UnlearningLayer.create(model, LayerConfig(), seed=0))
+    perturb(attached)
+    return attached
+
+
+def test_folding_adapters_into_the_output_projections_serves_the_same_function(batch):
+    model = tiny_model("llama")
+    base_logits = logits(model, batch)
+    attached = trained_bottleneck(model)
+    hooked_logits = logits(model, batch)
+    assert attached.fold_for_serving() == len(find_ffn_blocks(model))
+    assert all(type(block.down_proj).__name__ == "FoldedProjection" for block in find_ffn_blocks(model))
+    torch.testing.assert_close(logits(model, batch), hooked_logits, rtol=1e-4, atol=1e-4)
+    attached.detach()
+    assert torch.equal(logits(model, batch), base_logits)
+
+
+def test_a_block_without_a_known_linear_output_projection_keeps_its_hook(batch):
+    model = tiny_model("gpt2")  # c_proj is a Conv1D
+    attached = trained_bottleneck(model)
+    hooked_logits = logits(model, batch)
+    assert attached.fold_for_serving() == 0
+    assert torch.equal(logits(model, batch), hooked_logits)

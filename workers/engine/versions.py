@@ -89,5 +89,8 @@ def build_serving_model(base_model: nn.Module, cfg: LayerConfig, fused_maps: dic
     """An independent copy of the base serving the fused maps; the base itself is left untouched (it stays
     version 0). The copy holds its layer (merged into its weights, or hooked on) for as long as it lives."""
     model = copy.deepcopy(base_model)
-    attach_fused(model, cfg, fused_maps)
+    served = attach_fused(model, cfg, fused_maps)
+    fold = getattr(served, "fold_for_serving", None)
+    if fold is not None:  # bottleneck: adapters folded into the FFN output projections (one matmul each)
+        fold()
     return model

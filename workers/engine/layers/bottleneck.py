@@ -9,7 +9,10 @@ modified: the layer lives in forward hooks, so the base's state_dict keys and we
 they were, and `detach()` gives back the bit-identical base.
 
 Not mergeable: the adapter is a nonlinear residual branch that no weight of a stock Llama/GPT-2 block can
-express, so a bottleneck version is served (and only served) with the adapters hooked on.
+express, so a bottleneck version is served (and only served) with the unlearn runtime. For serving,
+`fold_for_serving` moves each adapter into its block's output projection where that is exact (FoldedProjection:
+one matmul computes the projection and the adapter's down map together), which costs far less per step than a
+forward hook and three extra modules.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class AttachedLayer:
         claim_model(model, self)
         self.model, self.layer = model, layer
         self._enabled = True
-        self._handles: list[RemovableHandle] = [
+        self._folded: list[tuple[nn.Module, str, nn.Linear]] = []  # (block, attribute, original projection)
+        self._handles: list[RemovableHandle | None] = [
             block.register_forward_hook(self._hook_for(adapter))
             for block, adapter in zip(blocks, layer.adapters)
         ]
@@ -123,9 +127,39 @@ class AttachedLayer:
     def detach(self) -> None:
         """Remove the hooks: the model computes exactly what the base computed before attach."""
         for handle in self._handles:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         self._handles = []
+        for block, name, projection in self._folded:
+            setattr(block, name, projection)
+        self._folded = []
         release_model(self.model)
+
+    def fold_for_serving(self) -> int:
+        """Serving copies only (the layer is not trained any more, and `disabled()` no longer bypasses a
+        folded block): fold adapter i into block i's output projection wherever the block's output is that
+        projection's output, checked numerically on a random input; other blocks keep their hook. Returns
+        how many blocks were folded; `detach()` still gives back the exact base."""
+        folded = 0
+        for i, (block, adapter) in enumerate(zip(find_ffn_blocks(self.model), self.layer.adapters)):
+            found = output_projection(block)
+            if found is None or self._handles[i] is None:
+                continue
+            name, projection = found
+            x = torch.randn(1, 3, hidden_size(self.model), device=projection.weight.device)  # (B, T, d)
+            with torch.no_grad():
+                with self.disabled():
+                    expected = adapter(_first(block(x)))
+                setattr(block, name, FoldedProjection(projection, adapter))
+                self._handles[i].remove()
+                self._handles[i] = None
+                if torch.allclose(_first(block(x)), expected, rtol=1e-4, atol=1e-5):
+                    self._folded.append((block, name, projection))
+                    folded += 1
+                    continue
+                setattr(block, name, projection)  # the block does more after its projection: keep the hook
+                self._handles[i] = block.register_forward_hook(self._hook_for(adapter))
+        return folded
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -164,6 +198,49 @@ class AttachedLayer:
                              f"unexpected {sorted(set(maps) - set(own))[:3]}")
         for name, linear in own.items():
             load_augmented(linear, maps[name])
+
+
+OUTPUT_PROJECTION_NAMES = ("down_proj", "fc2", "fc_out", "dense_4h_to_h", "w2")
+
+
+def output_projection(block: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(attribute, module) of the fp32 nn.Linear that writes an FFN block's output, if it has a known one."""
+    for name in OUTPUT_PROJECTION_NAMES:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
+            return name, module
+    return None
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class FoldedProjection(nn.Module):
+    """An FFN output projection followed by its adapter, computed with one matmul of width d + r:
+
+        h = W x + b,  z = A h + b_down = (A W) x + (A b + b_down)
+        [h; z] = [W; A W] x + [b; A b + b_down]                  # (B, T, d + r)
+        out = h + W_up act(z) + b_up                             # = Bottleneck(h)
+
+    Equal to the hooked adapter up to float rounding (A W is precomputed); the folded weights are copies,
+    so the original projection and adapter are untouched.
+    """
+
+    def __init__(self, projection: nn.Linear, adapter: Bottleneck) -> None:
+        super().__init__()
+        with torch.no_grad():
+            weight, down = projection.weight.float(), adapter.down.weight.float()  # (d, in), (r, d)
+            bias = projection.bias.float() if projection.bias is not None else weight.new_zeros(weight.shape[0])
+            self.weight = nn.Parameter(torch.cat([weight, down @ weight]), requires_grad=False)  # (d + r, in)
+            self.bias = nn.Parameter(torch.cat([bias, down @ bias + adapter.down.bias.float()]), requires_grad=False)
+            self.up_weight = nn.Parameter(adapter.up.weight.detach().float().clone(), requires_grad=False)  # (d, r)
+            self.up_bias = nn.Parameter(adapter.up.bias.detach().float().clone(), requires_grad=False)  # (d,)
+        self.act, self.out_features = adapter.act, weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, in) -> (B, T, d)
+        h, z = nn.functional.linear(x, self.weight, self.bias).split([self.out_features, self.up_weight.shape[1]], -1)
+        return h + nn.functional.linear(self.act(z), self.up_weight, self.up_bias)
 
 
 def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
