@@ -43,7 +43,7 @@ def drop(before: list[str], after: list[str]) -> float:
     return 1.0 - mean(rouge_l_recall(b, a) for b, a in zip(before, after))
 
 
-@pytest.mark.timeout(1800)  # ~15 min on 2 CPU cores alone (96 answers before and after, one real job)
+@pytest.mark.timeout(2700)  # 15-22 min on 2 CPU cores alone, by machine (96 answers before and after, one real job)
 def test_forgetting_one_person_keeps_forty_other_people(server, client, worker, sqlite_url):
     forget_q, held_out_q = subject_questions(*SUBJECT)
     others_q = neighbour_questions("person", 40)
