@@ -97,6 +97,7 @@ class _Request:
     guard: GuardIndex
     callbacks: SubmitCallbacks
     groups: list[_Group] = field(default_factory=list)
+    done: bool = False  # on_done was called
 
     @property
     def on_delta(self) -> OnDelta | None:
@@ -133,7 +134,7 @@ class BatchScheduler:
             self.pad_id = 0
         self.stop_ids = stop_token_ids(model, tokenizer)
         self._waiting: deque[_Request] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # guards _waiting and _thread
         self._thread: threading.Thread | None = None
         self.running = 0  # sequences in the batch (admitted ones included)
 
@@ -144,7 +145,7 @@ class BatchScheduler:
         """Queue one request; its callbacks run on the scheduler thread. Raises ServerBusy (429) when
         `max_queue` requests already wait."""
         request = _Request(params, list(prompts), guard, callbacks)
-        with self._cond:
+        with self._lock:
             if len(self._waiting) >= self.max_queue:
                 if self.metrics is not None:
                     self.metrics.serving_rejected.inc()
@@ -156,7 +157,6 @@ class BatchScheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="serving-batch", daemon=True)
                 self._thread.start()
-            self._cond.notify()
 
     @property
     def waiting(self) -> int:
@@ -185,13 +185,15 @@ class BatchScheduler:
                     failed = {id(r.group.request): r.group.request for r in rows}
                     failed |= {id(request): request for request in admitted}
                     for request in failed.values():
-                        request.on_done(exc)
+                        if not request.done:  # one completed earlier in this step keeps its result
+                            request.done = True
+                            request.on_done(exc)
                     batch, rows, logits = DecodeBatch(self.model, self.pad_id, self.lock), [], None
                 self.running = len(rows)
                 if self.metrics is not None and rows:
                     self.metrics.serving_batch.observe(len(rows))
                 if not rows:
-                    with self._cond:
+                    with self._lock:
                         if not self._waiting:
                             self._thread = None  # a later submit starts a new thread
                             return
@@ -223,7 +225,7 @@ class BatchScheduler:
     def _admit(self, running: int) -> tuple[list[_Request], list[list[int]]]:
         """Waiting requests that fit next to `running` rows (one that alone exceeds max_batch runs alone)."""
         admitted: list[_Request] = []
-        with self._cond:
+        with self._lock:
             while self._waiting:
                 request = self._waiting[0]
                 if request.cancelled():
@@ -265,6 +267,7 @@ class BatchScheduler:
                 self._complete(request)
 
     def _complete(self, request: _Request) -> None:
+        request.done = True
         choices = [c for group in request.groups for c in group.choices]
         results = [ChoiceResult(c.index, REFUSAL if c.refused and request.on_delta is None else c.text,
                                 c.finish_reason or "stop", c.tokens) for c in choices]
