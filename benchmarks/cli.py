@@ -153,7 +153,8 @@ def memorization(
 @bench_app.command("selectivity")
 def selectivity(
     subjects: Annotated[int, typer.Option(help="how many of the built-in subjects (people and places)")] = 6,
-    arms: Annotated[str, typer.Option(help="comma list of method:retain (retain: generic | neighbourhood)")]
+    arms: Annotated[str, typer.Option(help="comma list of method:retain[:layer] (retain: generic | neighbourhood; "
+                                            "layer: bottleneck (default) | linear | lora)")]
     = "eul:generic,eul:neighbourhood",
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,

@@ -1,5 +1,6 @@
 """`unlearn bench selectivity`: forget one subject, keep everyone else. Per subject and per arm (method x
-retain set), through the real engine (train_request -> fuse -> served model) on the default model:
+retain set x layer kind: "eul:neighbourhood" trains the bottleneck layer, "eul:neighbourhood:linear" the linear
+one), through the real engine (train_request -> fuse -> served model) on the default model:
 
 - forget drop: the request's questions about the subject (the model's own answers are the forget items);
 - held-out drop: further questions about the same subject that were not in the request;
@@ -33,7 +34,7 @@ class SelectivityOptions:
     model: str
     cache_dir: Path
     subjects: int = len(SUBJECTS)
-    arms: tuple[str, ...] = ("eul:generic", "eul:neighbourhood")  # method:retain
+    arms: tuple[str, ...] = ("eul:generic", "eul:neighbourhood")  # method:retain[:layer kind]
     steps: int = 40
     device: str = "cpu"
     max_new_tokens: int = 48
@@ -86,12 +87,13 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
         questions["probe"] = [e.prompt for e in neighbourhood.probe]
         references["probe"] = [e.answer for e in neighbourhood.probe]
         for arm in opts.arms:
-            method, retain_kind = arm.split(":")
+            method, retain_kind, *layer = arm.split(":")
+            layer_cfg = LayerConfig(kind=layer[0]) if layer else LayerConfig()
             bar.update(task, info=f"{name} {arm}")
             neighbours = neighbourhood.train if retain_kind == "neighbourhood" else ()
             retain = build_retain(None, None, base.model, base.tokenizer, cache, model_key=base.source_sha256,
                                   neighbours=neighbours)
-            trained = train_request(base, forget, retain, LayerConfig(), TrainConfig(method=method, steps=opts.steps))
+            trained = train_request(base, forget, retain, layer_cfg, TrainConfig(method=method, steps=opts.steps))
             _, fused_maps = fuse(None, trained, "bench")
             served = served_model(base, trained.layer_cfg, fused_maps)
             try:
@@ -113,7 +115,8 @@ def _report(opts: SelectivityOptions, rows: list[dict[str, Any]], load_start: fl
     report = Report("selectivity", "Selectivity: forget one subject, keep everyone else")
     report.data = {"rows": rows, "options": {"subjects": opts.subjects, "arms": list(opts.arms), "steps": opts.steps}}
     report.add("Setup", __doc__.split("\n\n", 1)[1].strip() + f"\n\nModel {opts.model} on {opts.device}, "
-               f"{opts.steps} steps per request, bottleneck layer. Load average {load_start:.2f} at start, "
+               f"{opts.steps} steps per request, bottleneck layer unless the arm names another. "
+               f"Load average {load_start:.2f} at start, "
                f"{load_end:.2f} at the end.")
     report.add("Per subject", markdown_table(
         ["subject", "arm", *(f"{s} drop" for s in SETS)],

@@ -3,10 +3,11 @@
 1. Load (benchmarks/serving_load.py): the HTTP API of a live `unlearn serve --no-worker` under 1, 8, 16...
    concurrent clients (continuous batching: service/api/serving/scheduler.py).
 2. Decode speed per layer, in process, through the engine's DecodeBatch (the scheduler's forward path):
-   the base (version 0), a bottleneck version (adapters hooked on a copy) and a LoRA version (deltas
-   merged into a copy), random non-zero fused weights (speed does not depend on their values), at batch 1
-   and batch 8 (8 rows of the same prompt), timed round-robin so machine load hits all alike; median
-   decode tokens/s (prefill excluded) and time to first token (prefill + first token).
+   the base (version 0), a bottleneck version (adapters folded into a copy's output projections), a
+   linear version and a LoRA version (both merged into a copy's weights), random non-zero fused weights
+   (speed does not depend on their values), at batch 1 and batch 8 (8 rows of the same prompt), timed
+   round-robin so machine load hits all alike; median decode tokens/s (prefill excluded) and time to first
+   token (prefill + first token).
 Target (issue 14): a fused version decodes at >= 0.95x the base at batch 1 and at batch 8.
 """
 
@@ -90,7 +91,8 @@ def run_serving(opts: ServingOptions, bar, out_dir: Path) -> Report:
     base = load_base_model(opts.model, opts.cache_dir, device=opts.device)
     prompt_ids = chat_prompt_ids(base.tokenizer, PROMPT)
     models = {BASE: base.model}
-    for kind, name in (("bottleneck", "fused bottleneck"), ("lora", "fused LoRA (merged)")):
+    for kind, name in (("bottleneck", "fused bottleneck"), ("linear", "fused linear (merged)"),
+                       ("lora", "fused LoRA (merged)")):
         models[name] = build_serving_model(base.model, LayerConfig(kind=kind), random_maps(base.model, kind))
     batches = (1, opts.batch)
     task = bar.add_task("decode", total=len(models) * opts.repeats * len(batches), info="warm-up")

@@ -76,7 +76,8 @@ def test_cost_bench_reports_both_ratios(tmp_path: Path, cache_dir: Path) -> None
 def test_serving_bench_loads_the_http_api_and_compares_fused_models_with_base(tmp_path: Path, cache_dir: Path) -> None:
     run_bench(["serving", "--clients", "1,2", "--tokens", "4", "--repeats", "1", "--batch", "2"], tmp_path, cache_dir)
     text = report_text(tmp_path, "serving")
-    assert "fused bottleneck" in text and "fused LoRA (merged)" in text and "aggregate tokens/s" in text
+    assert all(name in text for name in ("fused bottleneck", "fused linear (merged)", "fused LoRA (merged)"))
+    assert "aggregate tokens/s" in text
     meta = json.loads((tmp_path / "serving.json").read_text())
     assert all(rate > 0 for rate in meta["data"]["decode_tokens_per_s"].values())
     assert {level: meta["data"]["load"][level]["tokens"] > 0 for level in ("1", "2")} == {"1": True, "2": True}
@@ -109,14 +110,14 @@ def test_markdown_table_formats_numbers() -> None:
 
 def test_selectivity_bench_writes_a_row_per_subject_and_arm_and_its_plot(tmp_path: Path, cache_dir: Path) -> None:
     run_bench(["selectivity", "--subjects", "2", "--steps", "1", "--max-new-tokens", "2",
-               "--arms", "eul:generic,undial:neighbourhood"], tmp_path, cache_dir)
+               "--arms", "eul:generic,undial:neighbourhood:linear"], tmp_path, cache_dir)
     rows = json.loads((tmp_path / "selectivity.json").read_text())["data"]["rows"]
     assert [(r["subject"], r["arm"]) for r in rows] == [
-        (s, a) for s in ("Albert Einstein", "Marie Curie") for a in ("eul:generic", "undial:neighbourhood")]
+        (s, a) for s in ("Albert Einstein", "Marie Curie") for a in ("eul:generic", "undial:neighbourhood:linear")]
     assert all(r["n"]["neighbours"] == 40 and r["n"]["forget"] == 5 and r["n"]["held_out"] == 3 for r in rows)
     assert rows[1]["n_retain"] >= rows[0]["n_retain"]  # the neighbourhood only adds (a tiny model answers "")
     text = (tmp_path / "selectivity.md").read_text()
-    assert "- command: `" in text and "| Albert Einstein | undial:neighbourhood |" in text
+    assert "- command: `" in text and "| Albert Einstein | undial:neighbourhood:linear |" in text
     assert (tmp_path / "selectivity.png").stat().st_size > 0
 
 

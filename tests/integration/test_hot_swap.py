@@ -135,6 +135,28 @@ def test_lora_version_is_served_merged_and_rolls_back(server, client, db_url):
     assert greedy(client)[0] == base_text
 
 
+def test_linear_version_is_served_merged_and_its_export_gives_the_same_greedy_answer(server, client, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    base_text, _, _ = greedy(client)
+    publish_version(server.app.state.settings, 1, kind="linear")
+    server.wait_for_version(1, timeout=15)
+    served_text, header, _ = greedy(client)
+    assert header == "1" and served_text != base_text
+    assert not any("Bottleneck" in type(m).__name__ for m in server.holder.current().model.modules())
+
+    result = CliRunner().invoke(app, ["export", "--version", "1", "--out", str(tmp_path / "v1")])
+    assert result.exit_code == 0, result.output
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "v1")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "v1")
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    output = stock.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    assert tokenizer.decode(output, skip_special_tokens=True) == served_text
+
+
 def test_a_corrupt_version_is_not_served_and_the_old_one_keeps_answering(server, client, db_url):
     settings = server.app.state.settings
     base_text, _, _ = greedy(client)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from workers.engine.config import LayerConfig
-from workers.engine.layers import AttachedLayerProtocol, create_attached
-from workers.engine.layers.lora import attach_lora, lora_parameter_count, merge_into_base, merged_state_dict
+from workers.engine.layers import AttachedLayerProtocol, create_attached, get_layer
+from workers.engine.layers.lora import attach_lora, lora_parameter_count, merge_into_base
 from workers.engine.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gpt2"]
@@ -113,11 +113,12 @@ def test_merge_into_base_gives_plain_model_with_same_outputs(family, batch):
     perturb(attached)
     trained, maps = logits(model, batch), attached.map_weights()
     attached.detach()
-    merged_sd = merged_state_dict(model, maps)
     merged = merge_into_base(copy.deepcopy(model), maps)
+    copied = get_layer("lora").merged_copy(model, maps)
     assert torch.allclose(logits(merged, batch), trained, atol=1e-5)
     assert list(merged.state_dict()) == list(model.state_dict())
-    assert all(torch.equal(merged.state_dict()[k], merged_sd[k]) for k in merged_sd)
+    assert all(torch.equal(copied.state_dict()[k], v) for k, v in merged.state_dict().items())
+    assert torch.equal(logits(model, batch), logits(tiny_model(family), batch))
 
 
 def test_state_dict_round_trip():

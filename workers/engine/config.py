@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 # The one place method and layer names are written; the objective and layer registries check against them.
 METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial")
-LAYER_KINDS = ("bottleneck", "lora")
+LAYER_KINDS = ("bottleneck", "lora", "linear")
 LayerKind = Literal[LAYER_KINDS]
 
 
@@ -17,6 +17,7 @@ class LayerConfig:
 
     bottleneck: EUL adapter after every feed-forward block, h + up(act(down(h))).
     lora: peft LoRA on the feed-forward input projections, fused and merged into the base.
+    linear: the bottleneck with the identity activation, merged into each FFN output projection.
     """
 
     kind: LayerKind = "bottleneck"

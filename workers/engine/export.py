@@ -1,8 +1,9 @@
 """Export a model version as a plain Hugging Face checkpoint.
 
 What `export_hf` writes, by layer kind:
-- mergeable kinds (lora): the fused maps merged into the base weights (W += D*^T). The result is a
-  standard HF model dir (safetensors + config + tokenizer) that
+- mergeable kinds (lora, linear): the fused maps merged into the base weights (lora: W += D*^T on the FFN
+  input projections; linear: the adapter folded into each FFN output projection, layers/linear.py). The
+  result is a standard HF model dir (safetensors + config + tokenizer) that
   `AutoModelForCausalLM.from_pretrained(out_dir)` loads with stock transformers, with zero adapter overhead.
 - other kinds (bottleneck): NOT exportable as a plain checkpoint. The EUL adapter h + up(act(down(h))) after
   each FFN block is a nonlinear residual branch: no weight of a stock Llama/GPT-2 block can express it
@@ -58,10 +59,10 @@ def export_hf(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    state = None if layer is None else layer.merged_state_dict(base.model, fused_maps)
+    model = base.model if layer is None else layer.merged_copy(base.model, fused_maps)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        base.model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         record = {"base_model": {"name": base.name, "sha256": base.source_sha256}, **(info or {})}
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2, sort_keys=True))

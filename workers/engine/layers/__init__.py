@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from ..config import LAYER_KINDS, LayerConfig
 from .base import AttachedLayerProtocol, LayerType
 from .bottleneck import BottleneckType
+from .linear import LinearType
 from .lora import LoraType
 
-LAYERS: dict[str, LayerType] = {layer.kind: layer for layer in (BottleneckType(), LoraType())}
+LAYERS: dict[str, LayerType] = {layer.kind: layer for layer in (BottleneckType(), LoraType(), LinearType())}
 assert tuple(LAYERS) == LAYER_KINDS, "config.LAYER_KINDS and the layer registry must list the same kinds"
 
 

@@ -1,6 +1,6 @@
 """What every kind of unlearning layer implements, and the model helpers the kinds share.
 
-A kind (bottleneck.py, lora.py; registry in __init__.py) is a LayerType: it attaches a fresh,
+A kind (bottleneck.py, linear.py, lora.py; registry in __init__.py) is a LayerType: it attaches a fresh,
 identity-initialised layer to a model (training), and says whether its fused maps can be merged into the
 base weights (zero serving overhead, a plain Hugging Face export) or must stay attached at serving time.
 
@@ -63,8 +63,9 @@ class MergeableLayerType(LayerType):
         """The maps merged into `model`'s weights in place; `.detach()` restores the base bit for bit."""
 
     @abstractmethod
-    def merged_state_dict(self, model: nn.Module, fused_maps: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`model`'s state_dict with the maps merged in; `model` itself is not changed."""
+    def merged_copy(self, model: nn.Module, fused_maps: dict[str, Tensor]) -> nn.Module:
+        """A copy of `model` with the maps merged in for good: a stock model of its class (what `unlearn
+        export` saves); `model` itself is not changed."""
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -9,10 +9,10 @@ modified: the layer lives in forward hooks, so the base's state_dict keys and we
 they were, and `detach()` gives back the bit-identical base.
 
 Not mergeable: the adapter is a nonlinear residual branch that no weight of a stock Llama/GPT-2 block can
-express, so a bottleneck version is served (and only served) with the unlearn runtime. For serving,
-`fold_for_serving` moves each adapter into its block's output projection where that is exact (FoldedProjection:
-one matmul computes the projection and the adapter's down map together), which costs far less per step than a
-forward hook and three extra modules.
+express (with the identity activation it can: the `linear` kind, layers/linear.py), so a bottleneck version
+is served (and only served) with the unlearn runtime. For serving, `fold_for_serving` moves each adapter into
+its block's output projection where that is exact (FoldedProjection: one matmul computes the projection and
+the adapter's down map together), which costs far less per step than a forward hook and three extra modules.
 """
 
 from __future__ import annotations
@@ -99,9 +99,8 @@ class UnlearningLayer(nn.Module):
 class AttachedLayer:
     """A bottleneck UnlearningLayer hooked onto a model's FFN outputs."""
 
-    kind = KIND
-
-    def __init__(self, model: nn.Module, layer: UnlearningLayer) -> None:
+    def __init__(self, model: nn.Module, layer: UnlearningLayer, kind: str = KIND) -> None:
+        self.kind = kind  # layers/linear.py trains this same layer, linear, as its own kind
         blocks = find_ffn_blocks(model)
         if len(blocks) != len(layer.adapters):
             raise ValueError(f"layer has {len(layer.adapters)} adapters, model has {len(blocks)} FFN blocks")

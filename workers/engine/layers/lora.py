@@ -23,6 +23,7 @@ need none of it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -235,19 +236,6 @@ def merge_into_base(model: nn.Module, maps: dict[str, Tensor]) -> nn.Module:
     return model
 
 
-def merged_state_dict(model: nn.Module, maps: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The base state_dict with W + D^T for the mapped projections; the base itself is not changed."""
-    state = dict(model.state_dict())
-    module_names = {id(m): n for n, m in model.named_modules()}
-    for name, (block, proj) in lora_targets(model).items():
-        projection = getattr(block, proj)
-        key = f"{module_names[id(block)]}.{proj}.weight"
-        delta = maps[name].to(device=projection.weight.device, dtype=torch.float32)
-        update = delta if isinstance(projection, Conv1D) else delta.t()
-        state[key] = (projection.weight.detach().float() + update).to(projection.weight.dtype)
-    return state
-
-
 def lora_parameter_count(model: nn.Module, cfg: LayerConfig) -> int:
     """r * (in + out) per targeted projection."""
     total = 0
@@ -329,5 +317,5 @@ class LoraType(MergeableLayerType):
     def merge(self, model: nn.Module, fused_maps: dict[str, Tensor]) -> MergedLora:
         return MergedLora(model, fused_maps)
 
-    def merged_state_dict(self, model: nn.Module, fused_maps: dict[str, Tensor]) -> dict[str, Tensor]:
-        return merged_state_dict(model, fused_maps)
+    def merged_copy(self, model: nn.Module, fused_maps: dict[str, Tensor]) -> nn.Module:
+        return merge_into_base(copy.deepcopy(model), fused_maps)
