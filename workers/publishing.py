@@ -168,6 +168,8 @@ def summarise(metrics: dict) -> dict:
     out: dict[str, Any] = {}
     if "earlier_requests" in metrics:
         out["earlier_requests"] = dict(metrics["earlier_requests"])
+    if "quantized" in metrics:  # whether the version's quantized export (that format) still forgets
+        out["quantized"] = {k: metrics["quantized"][k] for k in ("format", "forgotten")}
     for section in ("forget", "retain", "general", "neighbours"):
         after = (metrics.get("after") or {}).get(section) or {}
         before = (metrics.get("before") or {}).get(section) or {}

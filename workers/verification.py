@@ -1,6 +1,7 @@
 """Task glue for verification: metrics before (the parent version) vs after (the new fused version) on the
 request's forget and retain items, its neighbour probe set and the built-in general set, then the
-thresholded verdict; and every earlier request of the lineage re-checked on the new version."""
+thresholded verdict; the forget checks on the new version as its quantized export holds it; and every
+earlier request of the lineage re-checked on the new version."""
 
 from __future__ import annotations
 
@@ -64,8 +65,29 @@ def verify(
     if params.get("relearn_check"):
         metrics["relearn"] = relearn_probe(after_model, base.tokenizer, None, forget)
     thresholds = operator_thresholds(ctx.settings).bounded(params.get("thresholds"))
-    verdict = judge(before, after, thresholds)
-    return _with_rechecks(after_model, base.tokenizer, lineage, metrics, verdict.to_dict())
+    verdict = judge(before, after, thresholds).to_dict()
+    if ctx.settings.quantized_check != "off":
+        verdict = check_quantized(ctx.settings, after_model, base.tokenizer, forget, before["forget"],
+                                  thresholds, metrics, verdict)
+    return _with_rechecks(after_model, base.tokenizer, lineage, metrics, verdict)
+
+
+def check_quantized(settings: Settings, model: nn.Module, tokenizer: Any, forget: list[Example],
+                    before_forget: dict[str, Any], thresholds: Any, metrics: dict[str, Any],
+                    verdict: dict[str, Any]) -> dict[str, Any]:
+    """The forget checks on the quantized new version, in metrics["quantized"]; the verdict fails on them
+    only where the operator requires it (UNLEARN_QUANTIZED_MUST_FORGET)."""
+    from workers.engine.verify import quantized_forget
+
+    result = quantized_forget(model, tokenizer, forget, before_forget, thresholds, settings.quantized_check)
+    metrics["quantized"] = result
+    if not settings.quantized_must_forget:
+        return verdict
+    checks = {**verdict["checks"], "quantized_forgotten": {"value": int(result["forgotten"]), "limit": 1,
+                                                            "ok": result["forgotten"]}}
+    reasons = list(verdict["reasons"]) + [f"{result['format']}-quantized model: {reason}"
+                                          for reason in result["reasons"]]
+    return {**verdict, "passed": not reasons, "reasons": reasons, "checks": checks}
 
 
 def verify_withdrawal(

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.domain.rates import parse_rate
-from workers.engine.config import LAYER_KINDS, METHODS
+from workers.engine.config import LAYER_KINDS, METHODS, QUANT_TYPES
 
 
 class Settings(BaseSettings):
@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # A forgotten request's items are kept sealed (encrypted, key outside the db) this long, so every later
     # version is checked against them; then the key is destroyed. 0: keep nothing, re-verify nothing.
     probe_retention_days: float = Field(30.0, ge=0, le=3650)
+    # The forget checks also run on the new version quantized as `unlearn export --format gguf` writes it
+    # (rounding can bring forgotten data back); "off" skips it. must_forget: a version whose quantized copy
+    # remembers fails; otherwise that is reported in its evidence and version summary.
+    quantized_check: Literal[("off", *QUANT_TYPES)] = "q4_1"
+    quantized_must_forget: bool = False
     fusion_ridge: float = Field(1e-3, gt=0, le=10)
     thresholds: dict[str, float] = Field(default_factory=dict)  # verdict thresholds (JSON), see verify/verdict.py
 

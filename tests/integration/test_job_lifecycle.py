@@ -52,13 +52,19 @@ def neighbourhood() -> bool:
 
 
 @pytest.fixture
-def api(make_settings, db_url: str, redis_url: str, memorising_model: Path, neighbourhood: bool):
+def quantized_check() -> str:
+    return "q4_1"
+
+
+@pytest.fixture
+def api(make_settings, db_url: str, redis_url: str, memorising_model: Path, neighbourhood: bool,
+        quantized_check: str):
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
 
     settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorising_model),
-                             neighbourhood=neighbourhood)
+                             neighbourhood=neighbourhood, quantized_check=quantized_check)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         client.settings = settings  # type: ignore[attr-defined]
         yield client
@@ -144,6 +150,20 @@ def test_data_the_model_memorised_ends_forgotten_with_the_memorisation_evidence(
     assert job["metrics"]["memorization"]["memorized"] is True
     assert job["metrics"]["after"]["forget"] and job["verdict"]["passed"] is True
     assert audit_payloads(api.settings.db_url, job_id)["job.succeeded"]["outcome"] == "forgotten"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_evidence_says_whether_the_quantized_export_still_forgets(api, make_key, worker):
+    headers = make_key()
+    job_id = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()["job"]["id"]
+    job = poll_until_ended(api, headers, job_id)[2]
+
+    quantized = job["metrics"]["quantized"]
+    assert quantized["format"] == "q4_1" and quantized["forget"]["nll"] > 0 and quantized["forget"]["rougeL"] >= 0
+    assert set(quantized["checks"]) == {"forget_nll_ratio", "forget_rougeL"}
+    versions = api.get("/v1/model-versions", headers=make_key(role="admin", tenant="ops")).json()["data"]
+    summary = next(v for v in versions if v["version"] == 1)["metrics_summary"]
+    assert summary["quantized"] == {"format": "q4_1", "forgotten": quantized["forgotten"]}
 
 
 @pytest.mark.parametrize("neighbourhood", [True])

@@ -78,3 +78,21 @@ def test_export_of_a_version_that_does_not_exist_fails_cleanly(make_settings, tm
     result = CliRunner().invoke(app, ["export", "--version", "7", "--out", str(tmp_path / "v7")])
     assert result.exit_code == 1 and "cannot export version 7" in result.output
     assert not (tmp_path / "v7").exists()
+
+
+def test_export_as_gguf_writes_one_quantized_file_transformers_loads(make_settings, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_settings()
+    result = CliRunner().invoke(app, ["export", "--version", "0", "--out", str(tmp_path / "v0"), "--gguf", "q4_1"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "v0").iterdir()) == ["model-q4_1.gguf", "unlearn_export.json"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "v0", gguf_file="model-q4_1.gguf")
+    assert model.config.model_type == "llama"
+
+
+def test_export_with_an_unknown_quantization_fails_cleanly(make_settings, tmp_path):
+    make_settings()
+    result = CliRunner().invoke(app, ["export", "--version", "0", "--out", str(tmp_path / "v0"), "--gguf", "q2"])
+    assert result.exit_code == 1 and "unknown quantization 'q2'" in result.output
+    assert not (tmp_path / "v0").exists()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial")
 LAYER_KINDS = ("bottleneck", "lora", "linear")
 LayerKind = Literal[LAYER_KINDS]
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1")  # GGML block quantizations that the export writes (quantized.py)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ What `export_hf` writes, by layer kind:
   exactly, so a stock HF class cannot load it. Serving such a version needs the unlearn runtime
   (versions.build_serving_model). `export_hf` raises NotExportableError.
 
+With `gguf` (q8_0 | q4_0 | q4_1) the same merged model is written as one quantized GGUF file for llama.cpp
+instead (quantized.py; Llama architecture), `model-<quant>.gguf` in out_dir. Verification runs the forget
+checks on exactly those quantized weights (UNLEARN_QUANTIZED_CHECK), so a version's summary says whether
+its quantized export still forgets.
+
 The version itself is read by versions.load_version (files and base weights verified).
 """
 
@@ -26,6 +31,7 @@ from torch import Tensor
 
 from .layers import LAYERS, get_layer
 from .loading import LoadedModel
+from .quantized import ggml_type, write_gguf
 from .store import ModelStore
 from .versions import load_version
 
@@ -47,8 +53,10 @@ def export_hf(
     fused_maps: dict[str, Tensor] | None,
     out_dir: Path,
     info: dict[str, Any] | None = None,
+    gguf: str | None = None,
 ) -> Path:
-    """Write a standard HF model dir at out_dir (must not exist or be empty), atomically.
+    """Write a standard HF model dir at out_dir (must not exist or be empty), atomically; with `gguf`, a
+    quantized GGUF file in it instead.
 
     fused_maps None = the base model itself (version 0). `info` goes to unlearn_export.json beside it.
     """
@@ -59,12 +67,18 @@ def export_hf(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if gguf is not None:
+        ggml_type(gguf)  # an unknown quantization fails before any work
     model = base.model if layer is None else layer.merged_copy(base.model, fused_maps)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
-        base.tokenizer.save_pretrained(tmp)
-        record = {"base_model": {"name": base.name, "sha256": base.source_sha256}, **(info or {})}
+        if gguf is None:
+            model.save_pretrained(tmp)
+            base.tokenizer.save_pretrained(tmp)
+        else:
+            write_gguf(model, base.tokenizer, tmp / gguf_file_name(gguf), gguf, name=f"{base.name} (unlearn)")
+        record = {"base_model": {"name": base.name, "sha256": base.source_sha256}, **(info or {}),
+                  "format": gguf or "safetensors"}
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2, sort_keys=True))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
@@ -74,11 +88,16 @@ def export_hf(
     return out_dir
 
 
-def export_version(store: ModelStore, base: LoadedModel, version: int, out: Path) -> Path:
-    """Export model version `version` (0 = the base) as a plain HF checkpoint; files verified first."""
+def gguf_file_name(quant: str) -> str:
+    return f"model-{quant}.gguf"
+
+
+def export_version(store: ModelStore, base: LoadedModel, version: int, out: Path, gguf: str | None = None) -> Path:
+    """Export model version `version` (0 = the base) as a plain HF checkpoint (or a GGUF file); files verified
+    first."""
     if version == 0:
-        return export_hf(base, None, None, out, info={"version": 0})
+        return export_hf(base, None, None, out, info={"version": 0}, gguf=gguf)
     stored = load_version(store, version, base.source_sha256)
     info = {"version": version, "manifest_sha256": stored.manifest_sha256, "request_ids": stored.request_ids,
             "layer": stored.layer.to_dict()}
-    return export_hf(base, stored.layer.kind, stored.fused_maps, out, info=info)
+    return export_hf(base, stored.layer.kind, stored.fused_maps, out, info=info, gguf=gguf)

@@ -17,7 +17,7 @@ from typing import Any
 # (the API's settings and schemas validate thresholds with it) does not pull in torch and scipy.
 _EXPORTS = {
     "auc": "mia", "min_k_plus_plus_score": "mia", "min_k_score": "mia", "privleak": "mia",
-    "relearn_probe": "relearn",
+    "relearn_probe": "relearn", "quantized_forget": "quantization",
     "EvalItem": "scoring", "score_items": "scoring", "to_eval_items": "scoring",
     "EvalConfig": "suite", "evaluate": "suite", "evaluate_forget": "suite", "general_set": "suite",
     "set_metrics": "suite",
@@ -46,6 +46,7 @@ __all__ = [
     "min_k_plus_plus_score",
     "min_k_score",
     "privleak",
+    "quantized_forget",
     "relearn_probe",
     "score_items",
     "set_metrics",
