@@ -158,6 +158,8 @@ def selectivity(
     = "eul:generic,eul:neighbourhood",
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,
+    quantized: Annotated[str, typer.Option(help="comma list of q8_0 | q4_0 | q4_1: also check each version "
+                                                "(and the base) rounded that way")] = "",
     model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "cpu",
     out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
 ) -> None:
@@ -165,7 +167,8 @@ def selectivity(
     from .selectivity import SelectivityOptions, run_selectivity
 
     options = SelectivityOptions(model=model, cache_dir=models_dir(cache_dir), subjects=subjects, arms=split(arms),
-                                 steps=steps, device=device, max_new_tokens=max_new_tokens)
+                                 steps=steps, device=device, max_new_tokens=max_new_tokens,
+                                 quantized=split(quantized))
     execute(run_selectivity, options, out, threads)
 
 

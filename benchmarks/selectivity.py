@@ -10,7 +10,10 @@ one), through the real engine (train_request -> fuse -> served model) on the def
 - general drop: the built-in general questions (world facts, real authors).
 
 drop = 1 - mean ROUGE-L recall of the greedy answer against the base model's greedy answer (the base scores
-1.0 by construction). Retain "generic" is the built-in generic chat set only (the old default);
+1.0 by construction). "forgotten": the verdict's forget checks against the base (NLL ratio >= 1.25, ROUGE-L
+<= 0.4). With --quantized, the same forget and held-out drops and checks on the version rounded as its GGUF
+export stores it (engine/quantized.py), and on the base rounded alike (what rounding alone changes).
+Retain "generic" is the built-in generic chat set only (the old default);
 "neighbourhood" adds the request's neighbourhood (workers/engine/neighbours.py; the default now).
 """
 
@@ -39,6 +42,7 @@ class SelectivityOptions:
     device: str = "cpu"
     max_new_tokens: int = 48
     plot: bool = True
+    quantized: tuple[str, ...] = ()  # q8_0, q4_0, q4_1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,6 +66,28 @@ def _drops(base, model_answers, questions: dict[str, list[str]], references: dic
     return {name: 1.0 - recall(references[name], model_answers(base, questions[name], tokens)) for name in SETS}
 
 
+def _forget_checks(model, tokenizer, forget, before_forget) -> dict[str, Any]:
+    from workers.engine.verify import Thresholds, evaluate_forget, judge
+
+    verdict = judge({"forget": before_forget}, {"forget": evaluate_forget(model, tokenizer, forget)}, Thresholds())
+    return {"forgotten": verdict.passed, "nll_ratio": verdict.checks.get("forget_nll_ratio", {}).get("value")}
+
+
+def _quantized(model, base, opts: SelectivityOptions, questions, references, forget, before_forget
+               ) -> dict[str, dict[str, Any]]:
+    """quantization -> forget / held-out drop and the forget checks of `model` rounded that way."""
+    from workers.engine.quantized import quantized_copy
+    from workers.engine.retain import greedy_answers
+
+    out = {}
+    for quant in opts.quantized:
+        rounded = quantized_copy(model, quant)
+        out[quant] = {s: 1.0 - recall(references[s], greedy_answers(rounded, base.tokenizer, questions[s],
+                                                                     opts.max_new_tokens))
+                      for s in ("forget", "held_out")} | _forget_checks(rounded, base.tokenizer, forget, before_forget)
+    return out
+
+
 def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
     from workers.engine.config import LayerConfig, TrainConfig
     from workers.engine.data import Example
@@ -69,6 +95,8 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
     from workers.engine.neighbours import build_neighbourhood
     from workers.engine.retain import build_retain, greedy_answers
     from workers.engine.unlearn import fuse, served_model, train_request
+    from workers.engine.verify import evaluate_forget
+    from workers.engine.versions import build_serving_model
 
     def answers(base, prompts, tokens):
         return greedy_answers(base.model, base.tokenizer, prompts, tokens)
@@ -86,6 +114,10 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
         neighbourhood = build_neighbourhood(base.model, base.tokenizer, forget, cache, model_key=base.source_sha256)
         questions["probe"] = [e.prompt for e in neighbourhood.probe]
         references["probe"] = [e.answer for e in neighbourhood.probe]
+        before_forget = evaluate_forget(base.model, base.tokenizer, forget)
+        if opts.quantized:
+            rows.append({"subject": name, "kind": kind, "arm": "base (no unlearning)", "quantized": _quantized(
+                base.model, base, opts, questions, references, forget, before_forget)})
         for arm in opts.arms:
             method, retain_kind, *layer = arm.split(":")
             layer_cfg = LayerConfig(kind=layer[0]) if layer else LayerConfig()
@@ -98,8 +130,12 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
             served = served_model(base, trained.layer_cfg, fused_maps)
             try:
                 drops = _drops(base, answers, questions, references, opts.max_new_tokens)
+                drops |= _forget_checks(base.model, base.tokenizer, forget, before_forget)
             finally:
                 served.detach()
+            if opts.quantized:
+                version = build_serving_model(base.model, trained.layer_cfg, fused_maps)
+                drops["quantized"] = _quantized(version, base, opts, questions, references, forget, before_forget)
             rows.append({"subject": name, "kind": kind, "arm": arm, "seconds": trained.seconds, **drops,
                          "n": {k: len(v) for k, v in questions.items()}, "n_retain": len(retain)})
             with (out_dir / "selectivity.partial.jsonl").open("a") as partial:  # survives an interrupted run
@@ -113,14 +149,25 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
 def _report(opts: SelectivityOptions, rows: list[dict[str, Any]], load_start: float, load_end: float,
             out_dir: Path) -> Report:
     report = Report("selectivity", "Selectivity: forget one subject, keep everyone else")
-    report.data = {"rows": rows, "options": {"subjects": opts.subjects, "arms": list(opts.arms), "steps": opts.steps}}
+    report.data = {"rows": rows, "options": {"subjects": opts.subjects, "arms": list(opts.arms), "steps": opts.steps,
+                                             "quantized": list(opts.quantized)}}
     report.add("Setup", __doc__.split("\n\n", 1)[1].strip() + f"\n\nModel {opts.model} on {opts.device}, "
                f"{opts.steps} steps per request, bottleneck layer unless the arm names another. "
                f"Load average {load_start:.2f} at start, "
                f"{load_end:.2f} at the end.")
+    quantized_rows = [r for r in rows if "quantized" in r]
+    rows = [r for r in rows if r["arm"] in opts.arms]  # without the quantized base reference rows
+    yes_no = {True: "yes", False: "NO"}
     report.add("Per subject", markdown_table(
-        ["subject", "arm", *(f"{s} drop" for s in SETS)],
-        [[r["subject"], r["arm"], *(r[s] for s in SETS)] for r in rows]))
+        ["subject", "arm", *(f"{s} drop" for s in SETS), "forgotten (verdict's forget checks)"],
+        [[r["subject"], r["arm"], *(r[s] for s in SETS), yes_no[r["forgotten"]]] for r in rows]))
+    if quantized_rows:
+        report.add("Quantized (rounded as the GGUF export stores it)", markdown_table(
+            ["subject", "arm", *(f"{q} {s}" for q in opts.quantized
+                                 for s in ("forget drop", "held-out drop", "NLL ratio", "forgotten"))],
+            [[r["subject"], r["arm"], *(v for q in opts.quantized for v in (
+                r["quantized"][q]["forget"], r["quantized"][q]["held_out"], r["quantized"][q]["nll_ratio"],
+                yes_no[r["quantized"][q]["forgotten"]]))] for r in quantized_rows]))
     summary = []
     for arm in opts.arms:
         mine = [r for r in rows if r["arm"] == arm]

@@ -110,14 +110,18 @@ def test_markdown_table_formats_numbers() -> None:
 
 def test_selectivity_bench_writes_a_row_per_subject_and_arm_and_its_plot(tmp_path: Path, cache_dir: Path) -> None:
     run_bench(["selectivity", "--subjects", "2", "--steps", "1", "--max-new-tokens", "2",
-               "--arms", "eul:generic,undial:neighbourhood:linear"], tmp_path, cache_dir)
+               "--arms", "eul:generic,undial:neighbourhood:linear", "--quantized", "q8_0"], tmp_path, cache_dir)
     rows = json.loads((tmp_path / "selectivity.json").read_text())["data"]["rows"]
-    assert [(r["subject"], r["arm"]) for r in rows] == [
-        (s, a) for s in ("Albert Einstein", "Marie Curie") for a in ("eul:generic", "undial:neighbourhood:linear")]
+    arms = ("base (no unlearning)", "eul:generic", "undial:neighbourhood:linear")
+    subjects = ("Albert Einstein", "Marie Curie")
+    assert [(r["subject"], r["arm"]) for r in rows] == [(s, a) for s in subjects for a in arms]
+    assert all(isinstance(r["quantized"]["q8_0"]["forgotten"], bool) for r in rows)
+    rows = [r for r in rows if r["arm"] != "base (no unlearning)"]
     assert all(r["n"]["neighbours"] == 40 and r["n"]["forget"] == 5 and r["n"]["held_out"] == 3 for r in rows)
     assert rows[1]["n_retain"] >= rows[0]["n_retain"]  # the neighbourhood only adds (a tiny model answers "")
     text = (tmp_path / "selectivity.md").read_text()
     assert "- command: `" in text and "| Albert Einstein | undial:neighbourhood:linear |" in text
+    assert "q8_0 forget drop" in text
     assert (tmp_path / "selectivity.png").stat().st_size > 0
 
 
