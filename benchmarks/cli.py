@@ -104,8 +104,7 @@ def cost(
     forget_authors: Annotated[int, typer.Option(help="authors in the deletion request")] = 1,
     steps: Annotated[int, typer.Option(help="unlearning steps (the service default is 40)")] = 40,
     ft_epochs: Annotated[int, typer.Option(help="retraining epochs")] = 5,
-    measure_steps: Annotated[int, typer.Option(help="time only this many steps of each run (0: all)")] = 0,
-    layer: Annotated[str, typer.Option(help="bottleneck | lora")] = "bottleneck",
+    layer: Annotated[str, typer.Option(help="bottleneck | linear | lora")] = "bottleneck",
     data_dir: Annotated[Path, typer.Option(help="TOFU jsonl dir")] = DEFAULT_TOFU_DIR,
     model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "auto",
     out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,
@@ -116,7 +115,7 @@ def cost(
 
     options = CostOptions(model=model, cache_dir=models_dir(cache_dir), data_dir=data_dir, authors=authors,
                           forget_authors=forget_authors, layer=layer, steps=steps,
-                          measure_steps=measure_steps or None, finetune=FinetuneConfig(epochs=ft_epochs),
+                          finetune=FinetuneConfig(epochs=ft_epochs),
                           device=device)
     execute(run_cost, options, out, threads)
 

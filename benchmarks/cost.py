@@ -6,8 +6,8 @@ Both on the same machine, in one run, from the same base model and TOFU subset:
 - retraining = fine-tuning the base on the retain authors only with the target's recipe (what a model
   owner without unlearning would have to redo), at the benchmark's size, and projected to the full TOFU
   retain90 set (3,600 QA) at the measured seconds per step.
-On a slow machine `--measure-steps M` times only the first M steps of each run and extrapolates linearly
-(per-step cost is constant: fixed batch size and length); the report says when it did. GPU: peak memory too.
+Both runs are timed whole, every step (a timed first step extrapolated was 10x off on a busy machine); only
+the full-TOFU retraining is a projection, at the s/step its whole run measured. GPU: peak memory too.
 Target (DESIGN section 9): unlearning >= 20x cheaper than retraining.
 """
 
@@ -39,33 +39,29 @@ class CostOptions:
     forget_authors: int = 1
     layer: str = "bottleneck"
     steps: int = 40  # the service's default (Settings.train_steps)
-    measure_steps: int | None = None  # time only this many steps of each run, extrapolate the rest
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=5))
     device: str = "auto"
 
 
 def time_unlearning(base, forget, retain, opts: CostOptions) -> dict[str, float]:
-    measured = min(opts.steps, opts.measure_steps or opts.steps)
     reset_peak(base.device)
     started = time.perf_counter()
-    trained = train_request(base, forget, retain, LayerConfig(kind=opts.layer), TrainConfig(steps=measured))
+    trained = train_request(base, forget, retain, LayerConfig(kind=opts.layer), TrainConfig(steps=opts.steps))
     fuse(None, trained, "cost")
     total = time.perf_counter() - started
-    fixed = total - trained.seconds  # Gram pass + fusion: once per request
-    return {"measured_steps": measured, "seconds_per_step": trained.seconds / measured,
-            "seconds": trained.seconds / measured * opts.steps + fixed, "fixed_seconds": fixed,
+    return {"steps": opts.steps, "seconds_per_step": trained.seconds / opts.steps, "seconds": total,
+            "fixed_seconds": total - trained.seconds,  # Gram pass + fusion: once per request
             "peak_mb": peak_mb(base.device)}
 
 
 def time_retraining(opts: CostOptions, retain) -> dict[str, float]:
     model = load_base_model(opts.model, opts.cache_dir, device=opts.device, dtype=torch.float32)
     steps = opts.finetune.steps_for(len(retain))
-    measured = min(steps, opts.measure_steps or steps)
     reset_peak(model.device)
-    seconds = finetune(model.model, model.tokenizer, retain, opts.finetune, max_steps=measured)
-    per_step = seconds / measured
+    seconds = finetune(model.model, model.tokenizer, retain, opts.finetune, max_steps=steps)
+    per_step = seconds / steps
     full_steps = opts.finetune.steps_for(TOFU_RETAIN90_QA)
-    return {"steps": steps, "measured_steps": measured, "seconds_per_step": per_step, "seconds": per_step * steps,
+    return {"steps": steps, "seconds_per_step": per_step, "seconds": seconds,
             "full_tofu_steps": full_steps, "full_tofu_seconds": per_step * full_steps,
             "peak_mb": peak_mb(model.device)}
 
@@ -82,10 +78,8 @@ def run_cost(opts: CostOptions, bar, out_dir: Path) -> Report:
     bar.update(task, advance=1, info="done")
     ratio = retrain["seconds"] / unlearn["seconds"]
     full_ratio = retrain["full_tofu_seconds"] / unlearn["seconds"]
-    extrapolated = unlearn["measured_steps"] < opts.steps or retrain["measured_steps"] < retrain["steps"]
     report = Report("cost", f"Unlearning cost vs retraining ({opts.model})")
-    report.data = {"unlearning": unlearn, "retraining": retrain, "ratio": ratio, "ratio_full_tofu": full_ratio,
-                   "extrapolated": extrapolated}
+    report.data = {"unlearning": unlearn, "retraining": retrain, "ratio": ratio, "ratio_full_tofu": full_ratio}
     ft = opts.finetune
     report.add("Setup", (
         f"- one request: {len(forget)} forget QA ({opts.forget_authors} author), {len(retain)} retain QA, "
@@ -93,11 +87,10 @@ def run_cost(opts: CostOptions, bar, out_dir: Path) -> Report:
         f"- retraining: full fine-tune of the base on the {len(retain)} retain QA, {ft.epochs} epochs, batch "
         f"{ft.batch_size} ({retrain['steps']} steps); full-TOFU projection: {TOFU_RETAIN90_QA} QA = "
         f"{retrain['full_tofu_steps']} steps at the measured s/step\n"
-        f"- device {opts.device}; " + (f"timed the first {opts.measure_steps} steps of each run and extrapolated "
-                                       "linearly" if extrapolated else "every step timed (no extrapolation)")))
-    rows = [["unlearning request (train + Grams + fuse)", unlearn["measured_steps"], unlearn["seconds_per_step"],
+        f"- device {opts.device}; both runs timed whole, every step"))
+    rows = [["unlearning request (train + Grams + fuse)", unlearn["steps"], unlearn["seconds_per_step"],
              unlearn["seconds"], unlearn["peak_mb"], 1.0],
-            [f"retrain on {len(retain)} retain QA", retrain["measured_steps"], retrain["seconds_per_step"],
+            [f"retrain on {len(retain)} retain QA", retrain["steps"], retrain["seconds_per_step"],
              retrain["seconds"], retrain["peak_mb"], ratio],
             [f"retrain on TOFU retain90 ({TOFU_RETAIN90_QA} QA), projected", "-", retrain["seconds_per_step"],
              retrain["full_tofu_seconds"], retrain["peak_mb"], full_ratio]]
