@@ -21,6 +21,7 @@ from workers.engine.objectives import (
     MEGDWeights,
     NPOWeights,
     ObjectiveInputs,
+    SimNPOWeights,
     Stream,
     UNDIALWeights,
     get_objective,
@@ -307,6 +308,22 @@ def test_npo_at_the_reference_is_two_log_two_over_beta():
     forget = stream(50, teacher_seed=50)
     out = get_objective("npo")(ObjectiveInputs({FORGET: forget, RETAIN: stream(52)}), NPOWeights(1.0, 0.0, 0.1))
     assert out.total.item() == pytest.approx(2 * math.log(2) / 0.1, rel=1e-5)
+
+
+def test_simnpo_matches_hand_computed_value():
+    forget, retain = stream(60), stream(61)
+    w = SimNPOWeights(forget=1.0, retain=0.5, beta=2.5, gamma=0.3)
+    out = get_objective("simnpo")(ObjectiveInputs({FORGET: forget, RETAIN: retain}), w)
+    simnpo = 0.0
+    for row in (0, 1):  # both rows score 2 tokens
+        per_token = hand_seq_nll(forget.student, row) / 2
+        simnpo += -(2.0 / w.beta) * math.log(1.0 / (1.0 + math.exp(-(w.beta * per_token - w.gamma))))
+    expected = simnpo / 2 + 0.5 * hand_nll(retain.student)
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_simnpo_needs_no_reference_model():
+    assert get_objective("simnpo").teacher_streams == ()
 
 
 def hand_undial_ce(teacher, student, b, t, y, beta) -> float:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 # The one place method and layer names are written; the objective and layer registries check against them.
-METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial")
+METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo")
 LAYER_KINDS = ("bottleneck", "lora", "linear")
 LayerKind = Literal[LAYER_KINDS]
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1")  # GGML block quantizations that the export writes (quantized.py)

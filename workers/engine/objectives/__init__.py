@@ -28,9 +28,10 @@ from .ga_kl import GA_KL, GAKLWeights
 from .idk_ap import IDK_AP, IDKAPWeights
 from .me_gd import ME_GD, MEGDWeights
 from .npo import NPO, NPOWeights
+from .simnpo import SIMNPO, SimNPOWeights
 from .undial import UNDIAL, UNDIALWeights
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (EUL, GA_KL, ME_GD, IDK_AP, NPO, UNDIAL)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (EUL, GA_KL, ME_GD, IDK_AP, NPO, UNDIAL, SIMNPO)}
 assert tuple(OBJECTIVES) == METHODS, "config.METHODS and the objective registry must list the same methods"
 
 
@@ -43,5 +44,5 @@ def get_objective(name: str) -> Objective:
 __all__ = [
     "FORGET", "IGNORE_INDEX", "METHODS", "MISMATCH", "OBJECTIVES", "REFUSAL", "RETAIN", "RETAIN_REFUSAL",
     "EULWeights", "GAKLWeights", "IDKAPWeights", "LossOutput", "MEGDWeights", "NPOWeights", "Objective",
-    "ObjectiveInputs", "Stream", "UNDIALWeights", "get_objective",
+    "ObjectiveInputs", "SimNPOWeights", "Stream", "UNDIALWeights", "get_objective",
 ]
