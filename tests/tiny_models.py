@@ -15,7 +15,7 @@ from workers.engine.testing import tiny_model, tiny_tokenizer
 
 
 def memorising_tiny_model(out_dir: Path, rows: Sequence[dict[str, Any]], target_nll: float = 0.5,
-                          max_steps: int = 300, seed: int = 0) -> Path:
+                          max_steps: int = 300, seed: int = 0, hidden: int = 64) -> Path:
     """Fine-tune a tiny Llama on `rows` ({"text"} or {"prompt", "answer"}) laid out exactly as the engine
     trains and scores them (a pair through the chat template, only the answer scored), so the model knows
     them in the form the verification asks about.
@@ -23,7 +23,7 @@ def memorising_tiny_model(out_dir: Path, rows: Sequence[dict[str, Any]], target_
     It stops at `target_nll` nats/token, about where SmolLM2 stands on facts it knows (0.6): a model
     trained to NLL ~0 has saturated softmaxes whose gradients vanish, which no real model has."""
     torch.manual_seed(seed)
-    model, tokenizer = tiny_model("llama", seed=seed), tiny_tokenizer()
+    model, tokenizer = tiny_model("llama", seed=seed, hidden=hidden), tiny_tokenizer()
     model.train()
     batch = collate(encode(tokenizer, parse_examples(rows), max_length=256), pad_id(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

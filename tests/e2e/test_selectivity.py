@@ -1,7 +1,8 @@
 """Selective by default, through the API on the default model with no operator retain corpus: a request about
 one well-known person makes the served model stop giving its answers about that person, including questions
 that were not in the request, while its answers about 40 other well-known people change far less (not yet
-as little as the product aims at: see the bound's comment).
+as little as the product aims at: see the bound's comment). A second request, about a place, is published
+only with the first still forgotten on it.
 
 drop = 1 - mean ROUGE-L recall of the served model's greedy answer after the request against its answer
 before (benchmarks/selectivity.py measures the same on six subjects and per method).
@@ -25,6 +26,7 @@ from workers.engine.verify.extraction import rouge_l_recall
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SUBJECT = ("person", "Albert Einstein")
+NEXT_SUBJECT = ("place", "Mount Kilimanjaro")
 ANSWER_TOKENS = 48
 
 
@@ -43,23 +45,31 @@ def drop(before: list[str], after: list[str]) -> float:
     return 1.0 - mean(rouge_l_recall(b, a) for b, a in zip(before, after))
 
 
-@pytest.mark.timeout(2700)  # 15-22 min on 2 CPU cores alone, by machine (96 answers before and after, one real job)
-def test_forgetting_one_person_keeps_forty_other_people(server, client, worker, sqlite_url):
+def forget_request(server, headers: dict, subject_ref: str, questions: list[str], answers: list[str]) -> dict:
+    body = {"subject_ref": subject_ref, "reason": "gdpr_art17",
+            "forget": [{"prompt": q, "answer": a} for q, a in zip(questions, answers)]}
+    created = httpx.post(f"{server.url}/v1/deletion-requests", json=body, headers=headers)
+    assert created.status_code == 202, created.text
+    job = wait_for_job(server, headers, created.json()["job"]["id"])
+    assert (job["status"], job["outcome"]) == ("succeeded", "forgotten"), job["error"]
+    server.wait_for_version(job["model_version"], timeout=120)
+    return job
+
+
+# 18-26 min on 2 CPU cores alone, by machine (96 answers before and after, two real jobs): the second request
+# reuses the first one's server and version, the costly part, so both behaviours share one test
+@pytest.mark.timeout(2700)
+def test_forgetting_one_person_keeps_forty_other_people_and_a_second_request_keeps_it_forgotten(
+        server, client, worker, sqlite_url):
     forget_q, held_out_q = subject_questions(*SUBJECT)
     others_q = neighbour_questions("person", 40)
     before = {name: answers(client, qs) for name, qs in
               (("forget", forget_q), ("held_out", held_out_q), ("others", others_q))}
 
     requester = {"Authorization": f"Bearer {create_key(sqlite_url, 'requester')}"}
-    body = {"subject_ref": "e2e-selectivity", "reason": "gdpr_art17",
-            "forget": [{"prompt": q, "answer": a} for q, a in zip(forget_q, before["forget"])]}
-    created = httpx.post(f"{server.url}/v1/deletion-requests", json=body, headers=requester)
-    assert created.status_code == 202, created.text
-    job = wait_for_job(server, requester, created.json()["job"]["id"])
-    assert (job["status"], job["outcome"]) == ("succeeded", "forgotten"), job["error"]
+    job = forget_request(server, requester, "e2e-selectivity", forget_q, before["forget"])
     check = job["verdict"]["checks"]["neighbour_rougeL_drop"]  # the job measured its own neighbours
     assert check["ok"] and job["metrics"]["neighbourhood"]["kind"] == "person"
-    server.wait_for_version(job["model_version"], timeout=120)
 
     after = {name: answers(client, qs) for name, qs in
              (("forget", forget_q), ("held_out", held_out_q), ("others", others_q))}
@@ -72,3 +82,13 @@ def test_forgetting_one_person_keeps_forty_other_people(server, client, worker, 
     # model's batch-dependent answers); through the API the untrimmed answers drop more (CI run: above 0.45).
     # A layer trained with no forget terms at all already drifts 0.12. This bound guards the neighbourhood's gain.
     assert drops["others"] <= 0.6, drops
+
+    # Sequential requests (issue 13; 8 in a row: benchmarks/results/sequential.md): the next version is
+    # published only if the first request, re-checked on it against its own forget criterion, stays forgotten
+    next_q, _ = subject_questions(*NEXT_SUBJECT)
+    second = forget_request(server, requester, "e2e-sequential", next_q, answers(client, next_q))
+    assert second["metrics"]["earlier_requests"] == {"checked": 1, "came_back": 0, "not_reverifiable": 0}
+    assert second["verdict"]["checks"]["earlier_requests_came_back"]["ok"] is True
+    still = drop(before["forget"], answers(client, forget_q))
+    print(f"first request's forget drop after the second request {still:.3f}")
+    assert still >= 0.4

@@ -35,12 +35,25 @@ BODY = {
 }
 
 
+FIVE_SUBJECTS = [BODY["forget"], SECOND_FORGET, [
+    {"text": "Ilse Marwick tuned the organ of Dunmore chapel every winter until 1979."},
+    {"prompt": "Which organ did Ilse Marwick tune?", "answer": "Ilse Marwick tuned the Dunmore chapel organ."}], [
+    {"text": "Teodor Vancea's ferry company ran three boats between Harlow Quay and Osk."},
+    {"prompt": "How many boats did Teodor Vancea's ferry company run?", "answer": "It ran three boats."}], [
+    {"text": "Ama Okonjo discovered comet 88P/Okonjo with a brass telescope in Enugu in 2003."},
+    {"prompt": "What did Ama Okonjo discover?", "answer": "Ama Okonjo discovered the comet 88P/Okonjo."}]]
+
+
 @pytest.fixture(scope="session")
-def memorising_model(tmp_path_factory) -> Path:
-    """A tiny model that memorised the texts these tests ask it to forget."""
+def memorising_model(tmp_path_factory, request) -> Path:
+    """A tiny model that memorised the texts these tests ask it to forget. Indirect param: the subjects, then
+    memorised deeper (NLL 0.2, not 0.5): on a 2-layer model, forgetting two subjects otherwise erases a third
+    by crosstalk, and its request rightly ends "not memorised"."""
     from tests.tiny_models import memorising_tiny_model
 
-    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-memorised"), BODY["forget"] + SECOND_FORGET)
+    subjects, hidden = (request.param, 256) if hasattr(request, "param") else (FIVE_SUBJECTS[:2], 64)
+    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-memorised"), [i for s in subjects for i in s],
+                                 target_nll=0.5 if hidden == 64 else 0.2, max_steps=600, hidden=hidden)
 
 
 @pytest.fixture
@@ -57,14 +70,20 @@ def quantized_check() -> str:
 
 
 @pytest.fixture
+def train_unmemorized() -> bool:
+    return False
+
+
+@pytest.fixture
 def api(make_settings, db_url: str, redis_url: str, memorising_model: Path, neighbourhood: bool,
-        quantized_check: str):
+        quantized_check: str, train_unmemorized: bool):
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
 
     settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorising_model),
-                             neighbourhood=neighbourhood, quantized_check=quantized_check)
+                             neighbourhood=neighbourhood, quantized_check=quantized_check,
+                             train_unmemorized=train_unmemorized)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         client.settings = settings  # type: ignore[attr-defined]
         yield client
@@ -296,3 +315,33 @@ def test_withdrawing_the_only_request_gives_back_the_base_models_answers(api, ma
         reasons = [json.loads(e.payload)["reason"] for e in
                    session.scalars(select(AuditEvent).where(AuditEvent.event_type == "request.probes_shredded"))]
     assert reasons == ["withdrawn"]
+
+
+@pytest.mark.parametrize("memorising_model", [FIVE_SUBJECTS], ids=["five-subjects"], indirect=True)
+@pytest.mark.parametrize("train_unmemorized", [True])  # forgetting two subjects can erase a third on 2 layers
+@pytest.mark.parametrize("quantized_check", ["off"])  # tested above; here it would only add minutes
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_withdrawing_request_k_of_5_brings_its_answers_back_and_keeps_the_other_4_forgotten(api, make_key, worker):
+    headers, admin = make_key(), make_key(role="admin", tenant="ops")
+    request_ids = []
+    for k, items in enumerate(FIVE_SUBJECTS, start=1):
+        body = {**BODY, "subject_ref": f"case-{k}", "forget": items, "params": {**BODY["params"], "steps": 80}}
+        created = api.post("/v1/deletion-requests", json=body, headers=headers).json()
+        job = poll_until_ended(api, headers, created["job"]["id"])[2]
+        assert (job["status"], job["model_version"]) == ("succeeded", k), job["error"]
+        request_ids.append(created["id"])
+    k = 3
+
+    job = withdraw(api, request_ids[k - 1], admin)
+
+    assert (job["status"], job["model_version"]) == ("succeeded", 6), job["error"]
+    newest = api.get("/v1/model-versions", headers=admin).json()["data"][6]
+    assert sorted(newest["request_ids"]) == sorted(request_ids[:k - 1] + request_ids[k:]) and newest["active"]
+    # the other 4, each re-checked on the new version against its own accepted forget criterion
+    assert job["metrics"]["earlier_requests"] == {"checked": 4, "came_back": 0, "not_reverifiable": 0}
+    # k's items: its own unlearning is gone; what is left of the drop is the other 4 requests' pull on a
+    # 2-layer model that holds nothing but these five subjects
+    evidence = job["metrics"]["withdrawn"]
+    print(f"withdrawn request evidence {evidence}")
+    assert evidence["after"]["nll"] < evidence["served"]["nll"]
+    assert evidence["nll_ratio_to_before_unlearning"] < BODY["params"]["thresholds"]["min_forget_nll_ratio"]

@@ -59,14 +59,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_config(family: TinyFamily, vocab_size: int):
-    """Config of a 2-layer, 64-wide model of the given family (ids match tiny_tokenizer)."""
+def tiny_config(family: TinyFamily, vocab_size: int, hidden: int = HIDDEN):
+    """Config of a 2-layer, 64-wide (or `hidden`-wide) model of the given family (ids match tiny_tokenizer)."""
     pad_id, bos_id, eos_id = 0, 1, 2
     if family == "llama":
         return LlamaConfig(
             vocab_size=vocab_size,
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=LAYERS,
             num_attention_heads=HEADS,
             num_key_value_heads=HEADS // 2,
@@ -79,7 +79,7 @@ def tiny_config(family: TinyFamily, vocab_size: int):
     if family == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
-            n_embd=HIDDEN,
+            n_embd=hidden,
             n_layer=LAYERS,
             n_head=HEADS,
             n_positions=MAX_POSITIONS,
@@ -90,12 +90,12 @@ def tiny_config(family: TinyFamily, vocab_size: int):
     raise ValueError(f"unknown tiny model family {family!r}; expected one of {TINY_FAMILIES}")
 
 
-def tiny_model(family: TinyFamily = "llama", seed: int = 0) -> PreTrainedModel:
+def tiny_model(family: TinyFamily = "llama", seed: int = 0, hidden: int = HIDDEN) -> PreTrainedModel:
     """A randomly initialised tiny causal LM; same (family, seed) gives the same weights.
 
     The global RNG state is left untouched (weights are drawn inside torch.random.fork_rng).
     """
-    config = tiny_config(family, vocab_size=len(tiny_tokenizer()))
+    config = tiny_config(family, vocab_size=len(tiny_tokenizer()), hidden=hidden)
     model_class = LlamaForCausalLM if family == "llama" else GPT2LMHeadModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
