@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,16 +45,28 @@ FIVE_SUBJECTS = [BODY["forget"], SECOND_FORGET, [
     {"prompt": "What did Ama Okonjo discover?", "answer": "Ama Okonjo discovered the comet 88P/Okonjo."}]]
 
 
+@dataclass(frozen=True)
+class Memorised:
+    """What the tiny model memorised, how wide it is and how deep (target NLL of its items)."""
+    subjects: list
+    hidden: int = 64
+    target_nll: float = 0.5
+
+
+FIVE_MEMORISED = Memorised(FIVE_SUBJECTS, hidden=256, target_nll=0.2)
+
+
 @pytest.fixture(scope="session")
 def memorising_model(tmp_path_factory, request) -> Path:
-    """A tiny model that memorised the texts these tests ask it to forget. Indirect param: the subjects, then
-    memorised deeper (NLL 0.2, not 0.5): on a 2-layer model, forgetting two subjects otherwise erases a third
-    by crosstalk, and its request rightly ends "not memorised"."""
+    """A tiny model that memorised the texts these tests ask it to forget. Indirect param: a `Memorised`
+    (default: the first two subjects on the usual 64-wide model). Five subjects need a 256-wide model: on a
+    64-wide byte-level one, forgetting two of them erases a third by crosstalk (its request rightly ends
+    "not memorised") and fusing a fourth brings the third back."""
     from tests.tiny_models import memorising_tiny_model
 
-    subjects, hidden = (request.param, 256) if hasattr(request, "param") else (FIVE_SUBJECTS[:2], 64)
-    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-memorised"), [i for s in subjects for i in s],
-                                 target_nll=0.5 if hidden == 64 else 0.2, max_steps=600, hidden=hidden)
+    spec = getattr(request, "param", Memorised(FIVE_SUBJECTS[:2]))
+    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-memorised"), [i for s in spec.subjects for i in s],
+                                 target_nll=spec.target_nll, max_steps=600, hidden=spec.hidden)
 
 
 @pytest.fixture
@@ -317,18 +330,19 @@ def test_withdrawing_the_only_request_gives_back_the_base_models_answers(api, ma
     assert reasons == ["withdrawn"]
 
 
-@pytest.mark.parametrize("memorising_model", [FIVE_SUBJECTS], ids=["five-subjects"], indirect=True)
+@pytest.mark.parametrize("memorising_model", [FIVE_MEMORISED], ids=["five-subjects"], indirect=True)
 @pytest.mark.parametrize("train_unmemorized", [True])  # forgetting two subjects can erase a third on 2 layers
 @pytest.mark.parametrize("quantized_check", ["off"])  # tested above; here it would only add minutes
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_withdrawing_request_k_of_5_brings_its_answers_back_and_keeps_the_other_4_forgotten(api, make_key, worker):
     headers, admin = make_key(), make_key(role="admin", tenant="ops")
     request_ids = []
-    for k, items in enumerate(FIVE_SUBJECTS, start=1):
-        body = {**BODY, "subject_ref": f"case-{k}", "forget": items, "params": {**BODY["params"], "steps": 80}}
+    for version, items in enumerate(FIVE_SUBJECTS, start=1):
+        body = {**BODY, "subject_ref": f"case-{version}", "forget": items,
+                "params": {**BODY["params"], "steps": 80}}
         created = api.post("/v1/deletion-requests", json=body, headers=headers).json()
         job = poll_until_ended(api, headers, created["job"]["id"])[2]
-        assert (job["status"], job["model_version"]) == ("succeeded", k), job["error"]
+        assert (job["status"], job["model_version"]) == ("succeeded", version), job["error"]
         request_ids.append(created["id"])
     k = 3
 
@@ -342,6 +356,5 @@ def test_withdrawing_request_k_of_5_brings_its_answers_back_and_keeps_the_other_
     # k's items: its own unlearning is gone; what is left of the drop is the other 4 requests' pull on a
     # 2-layer model that holds nothing but these five subjects
     evidence = job["metrics"]["withdrawn"]
-    print(f"withdrawn request evidence {evidence}")
     assert evidence["after"]["nll"] < evidence["served"]["nll"]
     assert evidence["nll_ratio_to_before_unlearning"] < BODY["params"]["thresholds"]["min_forget_nll_ratio"]
