@@ -104,7 +104,7 @@ def cost(
     forget_authors: Annotated[int, typer.Option(help="authors in the deletion request")] = 1,
     steps: Annotated[int, typer.Option(help="unlearning steps (the service default is 40)")] = 40,
     ft_epochs: Annotated[int, typer.Option(help="retraining epochs")] = 5,
-    layer: Annotated[str, typer.Option(help="bottleneck | linear | lora")] = "bottleneck",
+    layer: Annotated[str, typer.Option(help="bottleneck | linear | lora | gated")] = "bottleneck",
     data_dir: Annotated[Path, typer.Option(help="TOFU jsonl dir")] = DEFAULT_TOFU_DIR,
     model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "auto",
     out: OutOpt = RESULTS_DIR, threads: ThreadsOpt = 0,

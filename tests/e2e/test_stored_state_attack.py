@@ -34,7 +34,7 @@ from workers.engine.fusion import accumulate, collect_grams, state_to_tensors
 from workers.engine.layers import create_attached
 from workers.engine.loading import DEFAULT_MODEL, load_base_model
 from workers.engine.store import FUSED_MAPS, FUSION_STATE, ModelStore
-from workers.engine.unlearn import forget_batches
+from workers.engine.unlearn import gram_batches
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def gram_of(base, examples) -> torch.Tensor:
     """The first map's Gram over `examples`, as fusion collects it (without the bias row/column)."""
     attached = create_attached(base.model, LayerConfig())
     try:
-        grams = collect_grams(base.model, attached, forget_batches(base.tokenizer, examples, TrainConfig()))
+        grams = collect_grams(base.model, attached, gram_batches(base.tokenizer, examples, TrainConfig()))
     finally:
         attached.detach()
     return grams

@@ -215,7 +215,9 @@ def test_logits_are_trimmed_to_scored_positions_without_changing_the_loss():
     pairs = [Example(prompt="A long question about things?", answer="Yes."), Example(prompt="Q?", answer="No")]
     batch = collate(encode(tokenizer, pairs, 64), pad_id(tokenizer))
     objective = get_objective("eul")
-    trimmed = forward_streams(model, attached, objective, {FORGET_S: batch, RETAIN_S: batch}, torch.device("cpu"))
+    trimmed, gate_term = forward_streams(model, attached, objective, {FORGET_S: batch, RETAIN_S: batch},
+                                         torch.device("cpu"))
+    assert gate_term is None  # an ungated layer
     assert trimmed[FORGET_S].student.shape[1] < batch["input_ids"].shape[1]
     with torch.no_grad():
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -241,8 +243,8 @@ def test_forget_tokens_that_occur_in_retain_answers_are_marked_shared():
     forget = collate(encode(tokenizer, [Example(prompt="Q?", answer="Blue sky")], 64), pad_id(tokenizer))
     retain = collate(encode(tokenizer, [Example(prompt="Q?", answer="Blue.")], 64), pad_id(tokenizer))
     vocabulary = answer_vocabulary(tokenizer, [Example(prompt="Q?", answer="Blue.")], 64)
-    inputs = forward_streams(model, attached, get_objective("eul"), {FORGET_S: forget, RETAIN_S: retain},
-                             torch.device("cpu"), vocabulary)
+    inputs, _ = forward_streams(model, attached, get_objective("eul"), {FORGET_S: forget, RETAIN_S: retain},
+                                torch.device("cpu"), vocabulary)
     stream = inputs[FORGET_S]
     marked = {int(t) for t, s in zip(stream.labels[0], stream.shared[0]) if s}
     blue = tokenizer("Blue", add_special_tokens=False)["input_ids"][0]

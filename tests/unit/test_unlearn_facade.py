@@ -213,3 +213,26 @@ def test_forget_command_trains_reports_and_writes_the_layer(tmp_path):
     assert set(meta["metrics"]["after"]) == {"forget_nll", "retain_nll", "sample"}
     trained = trained_from_tensors(load_file(str(out / "layer.safetensors")), meta)
     assert trained.maps and set(trained.maps) == set(trained.grams)
+
+
+def test_a_gated_layer_fuses_its_gates_on_the_retain_inputs_too():
+    """A gate must stay shut on the retain side after fusion, so its Gram holds the retain rows as well as the
+    forget ones (the other maps': forget rows only)."""
+    base = tiny_base()
+    gated = LayerConfig(kind="gated", bottleneck_dim=8)
+    trained = train_request(base, FORGET, RETAIN, gated, TRAIN)
+    forget_only = train_request(base, FORGET, FORGET, gated, TRAIN)  # the same forget rows, retain = forget
+    gate, down = "blocks.0.gate", "blocks.0.down"
+    tokens = {name: float(trained.grams[name][-1, -1]) for name in (gate, down)}  # the ones column: row count
+    assert tokens[gate] > tokens[down] == float(forget_only.grams[down][-1, -1])
+    _, fused = fuse(None, trained, "req-1", FusionConfig(ridge=1e-6))
+    retain_batch = tiny_tokenizer()(["What is 2 + 2? 4.", "Water boils at 100 degrees Celsius."],
+                                    return_tensors="pt", padding=True)
+    served = served_model(base, gated, trained.maps)
+    gates = []
+    for maps in (trained.maps, fused):
+        served.load_map_weights(maps)
+        logits(base, retain_batch)
+        gates.append(torch.stack([a.gate_values for a in served.layer.adapters]))  # (L, B, T, 1)
+    served.detach()
+    torch.testing.assert_close(gates[1], gates[0], rtol=0, atol=1e-2)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 # The one place method and layer names are written; the objective and layer registries check against them.
 METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo")
-LAYER_KINDS = ("bottleneck", "lora", "linear")
+LAYER_KINDS = ("bottleneck", "lora", "linear", "gated")
 LayerKind = Literal[LAYER_KINDS]
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1")  # GGML block quantizations that the export writes (quantized.py)
 
@@ -19,6 +19,7 @@ class LayerConfig:
     bottleneck: EUL adapter after every feed-forward block, h + up(act(down(h))).
     lora: peft LoRA on the feed-forward input projections, fused and merged into the base.
     linear: the bottleneck with the identity activation, merged into each FFN output projection.
+    gated: the bottleneck behind a learned gate that opens on the request's data (GRUN; layers/gated.py).
     """
 
     kind: LayerKind = "bottleneck"
@@ -49,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     objective: dict[str, float] = field(default_factory=dict)  # per-objective weight overrides
+    gate_weight: float = 1.0  # gated layers: weight of the gate's open-on-forget / shut-on-retain loss
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .batching import batches, encode, mismatched, pad_id, refusals_for
+from .batching import batches, collate, encode, mismatched, pad_id, refusals_for
 from .config import TrainConfig
 from .data import Example
 from .layers.base import AttachedLayerProtocol, model_device
+from .layers.gated import fit_gates
 from .objectives import (
     FORGET,
     IGNORE_INDEX,
@@ -122,6 +123,12 @@ def first_predicting_position(labels: Tensor) -> int:
     return max(int(scored_columns[0]) - 1, 0) if len(scored_columns) else 0
 
 
+def predicting_positions(labels: Tensor) -> Tensor:
+    """(B, T) true where the hidden state predicts a scored token (position t predicts labels[t + 1])."""
+    scored = labels != IGNORE_INDEX  # (B, T)
+    return torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
+
+
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -133,10 +140,28 @@ def answer_vocabulary(tokenizer, examples: Sequence[Example], max_length: int) -
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+# A gated layer's gate (layers/gated.py) is taught to open where the forget answers are predicted and to stay
+# shut where the retain answers are (measured: also shutting it on retain prompts separates the answers worse).
+GATE_TARGETS = {FORGET: 1.0, RETAIN: 0.0}
+
+
+def gate_batches(tokenizer, examples: dict[str, list[Example]], cfg: TrainConfig
+                 ) -> list[tuple[dict[str, Tensor], Tensor, float]]:
+    """(batch, predicting positions, gate target) over every forget and retain example once."""
+    pad, labelled = pad_id(tokenizer), []
+    for name, target in GATE_TARGETS.items():
+        encoded = encode(tokenizer, examples.get(name, []), cfg.max_length)
+        for i in range(0, len(encoded), 8):
+            batch = collate(encoded[i:i + 8], pad)
+            labelled.append((batch, predicting_positions(batch["labels"]), target))
+    return labelled
+
+
 def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective: Objective,
                     batch: dict[str, dict[str, Tensor]], device: torch.device,
-                    retain_vocabulary: Tensor | None = None) -> ObjectiveInputs:
-    """Student (and, where asked, teacher) logits of every stream's batch.
+                    retain_vocabulary: Tensor | None = None) -> tuple[ObjectiveInputs, Tensor | None]:
+    """Student (and, where asked, teacher) logits of every stream's batch, and the gate loss of a gated
+    layer (mean over the forget and retain streams; None for other kinds).
 
     Every objective reads only scored positions, so logits are computed from the first position that
     predicts a scored token on (HF `logits_to_keep`): for chat pairs that skips the prompt, which
@@ -144,6 +169,8 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
     """
     trim = accepts_logits_to_keep(model)
     streams: dict[str, Stream] = {}
+    gate_losses: list[Tensor] = []
+    gate_loss = getattr(attached, "gate_loss", None)
     for name, tensors in batch.items():
         input_ids = tensors["input_ids"].to(device)
         attention_mask = tensors["attention_mask"].to(device)
@@ -151,6 +178,10 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
         extra = {"logits_to_keep": input_ids.shape[1] - start} if trim else {}
         with autocast_for(device):
             student = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, T', V)
+            if gate_loss is not None and name in GATE_TARGETS:
+                term = gate_loss(GATE_TARGETS[name], predicting_positions(tensors["labels"]).to(device))
+                if term is not None:
+                    gate_losses.append(term)
             teacher = None
             if name in objective.teacher_streams:
                 with attached.disabled(), torch.no_grad():
@@ -160,7 +191,7 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
         if name == FORGET and retain_vocabulary is not None:
             shared = torch.isin(labels, retain_vocabulary.to(device))  # (B, T')
         streams[name] = Stream(student, labels, attention_mask[:, start:], teacher, shared)
-    return ObjectiveInputs(streams)
+    return ObjectiveInputs(streams), (torch.stack(gate_losses).mean() if gate_losses else None)
 
 
 def train(
@@ -190,12 +221,18 @@ def train(
     started = time.perf_counter()
     with frozen_base(model, params), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
+        if getattr(attached, "has_gates", False):
+            fit_gates(model, attached, gate_batches(tokenizer, examples, cfg))
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         for step in range(1, cfg.steps + 1):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled before step {step} of {cfg.steps}")
             batch = {name: next(iterator) for name, iterator in streams.items()}
-            out = objective(forward_streams(model, attached, objective, batch, device, retain_vocabulary), weights)
+            inputs, gate_term = forward_streams(model, attached, objective, batch, device, retain_vocabulary)
+            out = objective(inputs, weights)
+            if gate_term is not None:
+                out.total = out.total + cfg.gate_weight * gate_term
+                out.terms["gate_bce"] = float(gate_term.detach())
             loss = float(out.total.detach().float())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{cfg.method} loss is {loss} at step {step}; terms {out.terms}")

@@ -24,6 +24,7 @@ from .data import Example
 from .fusion import FusionState, collect_grams, fuse_request
 from .layers import AttachedLayerProtocol, attach_fused, create_attached
 from .layers.base import model_device
+from .layers.gated import is_gate_map
 from .loading import LoadedModel
 from .objectives.base import token_nll
 from .trainer import Progress, train
@@ -34,7 +35,8 @@ MAP_PREFIX, GRAM_PREFIX = "map.", "gram."
 @dataclass
 class TrainedLayer:
     """One request's trained layer, as fusion needs it: W_i per linear map and G_i = X_i^T X_i on its
-    forget data (EUL fuses each layer weighted by the inputs it was trained to change)."""
+    forget data (EUL fuses each layer weighted by the inputs it was trained to change); a gated layer's gates
+    on its forget and retain data (layers/gated.py)."""
 
     layer_cfg: LayerConfig
     train_cfg: TrainConfig
@@ -44,9 +46,9 @@ class TrainedLayer:
     seconds: float = 0.0
 
 
-def forget_batches(tokenizer, forget: Sequence[Example], cfg: TrainConfig) -> list[dict[str, Tensor]]:
-    """Every forget example once, in order, in batches of cfg.batch_size (the Gram pass)."""
-    encoded, pad = encode(tokenizer, forget, cfg.max_length), pad_id(tokenizer)
+def gram_batches(tokenizer, examples: Sequence[Example], cfg: TrainConfig) -> list[dict[str, Tensor]]:
+    """Every example once, in order, in batches of cfg.batch_size (the Gram pass)."""
+    encoded, pad = encode(tokenizer, examples, cfg.max_length), pad_id(tokenizer)
     return [collate(encoded[i:i + cfg.batch_size], pad) for i in range(0, len(encoded), cfg.batch_size)]
 
 
@@ -81,7 +83,11 @@ def train_request(
     try:
         result = train(base.model, base.tokenizer, attached, forget, retain, train_cfg, on_progress, should_stop)
         maps = {name: w.detach().float().cpu() for name, w in attached.map_weights().items()}
-        grams = collect_grams(base.model, attached, forget_batches(base.tokenizer, forget, train_cfg))
+        grams = collect_grams(base.model, attached, gram_batches(base.tokenizer, forget, train_cfg))
+        gates = [name for name in maps if is_gate_map(name)]
+        if gates:  # a gate is fitted on both sides: fused on forget rows only, it would open on the retain ones
+            kept = collect_grams(base.model, attached, gram_batches(base.tokenizer, retain, train_cfg))
+            grams |= {name: grams[name] + kept[name] for name in gates}
     finally:
         attached.detach()
     return TrainedLayer(layer_cfg, train_cfg, maps, grams, result.losses, result.seconds)

@@ -13,10 +13,13 @@ from torch import Tensor, nn
 from ..config import LAYER_KINDS, LayerConfig
 from .base import AttachedLayerProtocol, LayerType
 from .bottleneck import BottleneckType
+from .gated import GatedType
 from .linear import LinearType
 from .lora import LoraType
 
-LAYERS: dict[str, LayerType] = {layer.kind: layer for layer in (BottleneckType(), LoraType(), LinearType())}
+LAYERS: dict[str, LayerType] = {
+    layer.kind: layer for layer in (BottleneckType(), LoraType(), LinearType(), GatedType())
+}
 assert tuple(LAYERS) == LAYER_KINDS, "config.LAYER_KINDS and the layer registry must list the same kinds"
 
 

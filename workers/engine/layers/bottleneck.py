@@ -64,19 +64,35 @@ def load_augmented(linear: nn.Linear, w_aug: Tensor) -> None:
 
 
 class Bottleneck(nn.Module):
-    """h -> h + up(act(down(h))), computed in fp32 whatever the base dtype; up starts at zero."""
+    """h -> h + up(act(down(h))), computed in fp32 whatever the base dtype; up starts at zero.
 
-    def __init__(self, dim: int, bottleneck_dim: int, activation: str) -> None:
+    gated (layers/gated.py): h -> h + sigmoid(gate(u)) * up(act(down(h))), u the block's input (the normed
+    residual stream, which says far more about what is being read than the FFN output h does); the gate a
+    linear probe (d -> 1) that the trainer teaches to open on the request's data and stay shut elsewhere.
+    Its last values are kept in `gate_values` (B, T, 1) for that loss.
+    """
+
+    def __init__(self, dim: int, bottleneck_dim: int, activation: str, gated: bool = False) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck_dim, bias=True)
         self.act = make_activation(activation)
         self.up = nn.Linear(bottleneck_dim, dim, bias=True)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.gate = nn.Linear(dim, 1, bias=True) if gated else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+        self.gate_values: Tensor | None = None
 
-    def forward(self, hidden: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+    def forward(self, hidden: Tensor, block_input: Tensor | None = None) -> Tensor:  # (B, T, d) -> (B, T, d)
         x = hidden.to(self.down.weight.dtype)
-        return (x + self.up(self.act(self.down(x)))).to(hidden.dtype)
+        branch = self.up(self.act(self.down(x)))  # (B, T, d)
+        if self.gate is not None:
+            u = x if block_input is None else block_input.to(x.dtype)
+            self.gate_values = torch.sigmoid(self.gate(u))  # (B, T, 1)
+            branch = self.gate_values * branch
+        return (x + branch).to(hidden.dtype)
 
 
 class UnlearningLayer(nn.Module):
@@ -87,12 +103,12 @@ class UnlearningLayer(nn.Module):
         self.adapters = nn.ModuleList(adapters)
 
     @classmethod
-    def create(cls, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> UnlearningLayer:
+    def create(cls, model: nn.Module, cfg: LayerConfig, seed: int = 0, gated: bool = False) -> UnlearningLayer:
         """fp32 adapters on the model's device; same (model shape, cfg, seed) gives the same init."""
         dim, blocks = hidden_size(model), find_ffn_blocks(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            adapters = [Bottleneck(dim, cfg.bottleneck_dim, cfg.activation) for _ in blocks]
+            adapters = [Bottleneck(dim, cfg.bottleneck_dim, cfg.activation, gated) for _ in blocks]
         return cls(adapters).to(device=model_device(model), dtype=torch.float32)
 
 
@@ -114,12 +130,13 @@ class AttachedLayer:
         ]
 
     def _hook_for(self, adapter: Bottleneck):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        def hook(_module: nn.Module, args: Any, output: Any) -> Any:
             if not self._enabled:
                 return None  # None keeps the block's own output
+            block_input = args[0] if args and adapter.gate is not None else None
             if isinstance(output, tuple):  # MoE blocks also return router logits
-                return (adapter(output[0]),) + output[1:]
-            return adapter(output)
+                return (adapter(output[0], block_input),) + output[1:]
+            return adapter(output, block_input)
 
         return hook
 
@@ -142,8 +159,8 @@ class AttachedLayer:
         folded = 0
         for i, (block, adapter) in enumerate(zip(find_ffn_blocks(self.model), self.layer.adapters)):
             found = output_projection(block)
-            if found is None or self._handles[i] is None:
-                continue
+            if found is None or self._handles[i] is None or adapter.gate is not None:
+                continue  # a gate reads the block's input, which the output projection never sees
             name, projection = found
             x = torch.randn(1, 3, hidden_size(self.model), device=projection.weight.device)  # (B, T, d)
             with torch.no_grad():
@@ -172,6 +189,21 @@ class AttachedLayer:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.layer.parameters())
 
+    @property
+    def has_gates(self) -> bool:
+        return any(adapter.gate is not None for adapter in self.layer.adapters)
+
+    def gate_loss(self, target: float, mask: Tensor) -> Tensor | None:
+        """Binary cross-entropy of every gate's last values against `target` (1: open, 0: shut), mean over
+        the gates and the tokens where mask (B, T) is true; None for an ungated layer."""
+        values = [a.gate_values for a in self.layer.adapters if a.gate is not None]
+        if not values or any(v is None for v in values):
+            return None
+        gates = torch.stack([v.squeeze(-1) for v in values])  # (L, B, T)
+        weight = mask.to(device=gates.device, dtype=gates.dtype).expand_as(gates)  # (L, B, T)
+        bce = nn.functional.binary_cross_entropy(gates, torch.full_like(gates, target), reduction="none")
+        return (bce * weight).sum() / weight.sum().clamp(min=1.0)
+
     def state_dict(self) -> dict[str, Tensor]:
         return {name: tensor.detach().clone() for name, tensor in self.layer.state_dict().items()}
 
@@ -184,6 +216,8 @@ class AttachedLayer:
         for i, adapter in enumerate(self.layer.adapters):
             maps[f"blocks.{i}.down"] = adapter.down
             maps[f"blocks.{i}.up"] = adapter.up
+            if adapter.gate is not None:
+                maps[f"blocks.{i}.gate"] = adapter.gate
         return maps
 
     def map_weights(self) -> dict[str, Tensor]:
