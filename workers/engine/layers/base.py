@@ -1,6 +1,6 @@
 """What every kind of unlearning layer implements, and the model helpers the kinds share.
 
-A kind (bottleneck.py, linear.py, lora.py; registry in __init__.py) is a LayerType: it attaches a fresh,
+A kind (bottleneck.py, linear.py, lora.py, gated.py; registry in __init__.py) is a LayerType: it attaches a fresh,
 identity-initialised layer to a model (training), and says whether its fused maps can be merged into the
 base weights (zero serving overhead, a plain Hugging Face export) or must stay attached at serving time.
 

@@ -10,10 +10,11 @@ input u (the normed residual stream):
 
 trained with the request's objective plus a gate loss (trainer.py):
 
-    L = L_objective + lambda_gate * [ BCE(g, 1) on the forget answers + BCE(g, 0) on the retain answers ]
+    L = L_objective + lambda_gate * mean( BCE(g, 1) on the forget answers, BCE(g, 0) on the retain answers )
 
-mean over the gates of all blocks and the scored tokens. The retain side holds the request's neighbourhood
-(workers/engine/neighbours.py), so the gate learns "this subject", not "a person". The gate is one more
+each BCE a mean over the gates of all blocks and the positions that predict an answer token. The retain
+side holds the request's neighbourhood (workers/engine/neighbours.py), so the gate learns "this subject",
+not "a person". The gates start as fitted probes (`fit_gates`). The gate is one more
 linear map to the closed-form fusion (`blocks.{i}.gate`), whose Gram holds the request's retain inputs too
 (unlearn.train_request): fitted on forget rows only, the fused gate would drift open on everything else.
 Served with its hooks (the output projection never sees u, so nothing folds); not mergeable.
