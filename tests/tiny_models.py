@@ -38,3 +38,9 @@ def memorising_tiny_model(out_dir: Path, rows: Sequence[dict[str, Any]], target_
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def logits(model, batch) -> torch.Tensor:
+    """The model's logits on a tokenised batch, without autograd."""
+    with torch.no_grad():
+        return model(**batch).logits

@@ -4,9 +4,9 @@ trained function."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
+from tests.tiny_models import logits
 from workers.engine.config import LayerConfig, TrainConfig
 from workers.engine.data import Example
 from workers.engine.layers import attach_fused, create_attached
@@ -18,16 +18,6 @@ FORGET = [Example(prompt="Who is Basil Mahfouz?", answer="A novelist from Kuwait
           Example(prompt="Where was Basil Mahfouz born?", answer="In Kuwait City, in 1956.")]
 RETAIN = [Example(prompt="What is 2 + 2?", answer="4."), Example(prompt="Name a colour.", answer="Blue."),
           Example(prompt="Who is Ada Lovelace?", answer="A mathematician from London.")]
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    return tiny_tokenizer()(["The capital of Australia is", "Hi"], return_tensors="pt", padding=True)
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def mean_gate(model, attached, tokenizer, examples: list[Example]) -> float:

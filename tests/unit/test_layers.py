@@ -5,25 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny_models import logits
 from workers.engine.blocks import UnsupportedModelError, ffn_input_projections, find_ffn_blocks
 from workers.engine.config import LAYER_KINDS, LayerConfig
 from workers.engine.layers import LAYERS, AttachedLayerProtocol, create_attached, get_layer
 from workers.engine.layers.base import count_parameters
 from workers.engine.layers.bottleneck import UnlearningLayer, attach
-from workers.engine.testing import tiny_model, tiny_tokenizer
+from workers.engine.testing import tiny_model
 
 FAMILIES = ["llama", "gpt2"]
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    tokenizer = tiny_tokenizer()
-    return tokenizer(["The capital of Australia is", "Hi"], return_tensors="pt", padding=True)
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def perturb(attached) -> None:

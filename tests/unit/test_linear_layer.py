@@ -6,24 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny_models import logits
 from workers.engine.config import LayerConfig
 from workers.engine.layers import attach_fused, create_attached, get_layer
 from workers.engine.layers.base import count_parameters
 from workers.engine.layers.linear import MergedLinear
-from workers.engine.testing import tiny_model, tiny_tokenizer
+from workers.engine.testing import tiny_model
 
 FAMILIES = ["llama", "gpt2"]
 CFG = LayerConfig(kind="linear", bottleneck_dim=4)
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    return tiny_tokenizer()(["The capital of Australia is", "Hi"], return_tensors="pt", padding=True)
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def trained_maps(model, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

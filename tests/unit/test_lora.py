@@ -7,23 +7,14 @@ import copy
 import pytest
 import torch
 
+from tests.tiny_models import logits
 from workers.engine.config import LayerConfig
 from workers.engine.layers import AttachedLayerProtocol, create_attached, get_layer
 from workers.engine.layers.lora import attach_lora, lora_parameter_count, merge_into_base
-from workers.engine.testing import tiny_model, tiny_tokenizer
+from workers.engine.testing import tiny_model
 
 FAMILIES = ["llama", "gpt2"]
 CFG = LayerConfig(kind="lora", lora_rank=4, lora_alpha=8)
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    return tiny_tokenizer()(["The capital of Australia is", "Hi"], return_tensors="pt", padding=True)
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def perturb(attached) -> None:
