@@ -6,9 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from service.api.access_log import AccessLogMiddleware
 from service.api.body_limit import BodyLimitMiddleware
+from service.api.console import STATIC_DIR as CONSOLE_STATIC_DIR
+from service.api.console import STATIC_URL as CONSOLE_STATIC_URL
 from service.api.errors import install_error_handlers
 from service.api.nul_guard import NulGuardMiddleware
 from service.api.openapi_doc import ERROR_RESPONSES, install_openapi
@@ -16,6 +19,7 @@ from service.api.routers import (
     audit,
     chat,
     completions,
+    console,
     deletion_requests,
     health,
     jobs,
@@ -88,4 +92,6 @@ def create_app(settings: Settings | None = None, *, serve_model: bool = False) -
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)
+    app.include_router(console.router)  # the web console: HTML, not part of the OpenAPI document
+    app.mount(CONSOLE_STATIC_URL, StaticFiles(directory=CONSOLE_STATIC_DIR), name="console-static")
     return app

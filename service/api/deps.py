@@ -66,10 +66,17 @@ def rate_limited(scope: str, setting: str, *roles: str) -> Callable[..., Princip
     return check
 
 
-RequesterDep = Annotated[Principal, Depends(role("requester"))]
-SubmitterDep = Annotated[Principal, Depends(rate_limited("submit", "rate_limit_requests", "requester"))]
-ReaderDep = Annotated[Principal, Depends(role("requester", "auditor"))]
-AuditorDep = Annotated[Principal, Depends(role("auditor"))]
-AdminDep = Annotated[Principal, Depends(role())]
+# the role checks by name (the console applies the same ones to its cookie's key)
+can_request = role("requester")
+can_submit = rate_limited("submit", "rate_limit_requests", "requester")
+can_read = role("requester", "auditor")
+can_audit = role("auditor")
+is_admin = role()
+
+RequesterDep = Annotated[Principal, Depends(can_request)]
+SubmitterDep = Annotated[Principal, Depends(can_submit)]
+ReaderDep = Annotated[Principal, Depends(can_read)]
+AuditorDep = Annotated[Principal, Depends(can_audit)]
+AdminDep = Annotated[Principal, Depends(is_admin)]
 InferenceDep = Annotated[Principal, Depends(role("inference"))]
 GenerateDep = Annotated[Principal, Depends(rate_limited("inference", "rate_limit_inference", "inference"))]

@@ -21,9 +21,10 @@ async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = []
-    for err in exc.errors():
+def validation_error_items(errors: Any) -> list[dict[str, Any]]:
+    """pydantic/FastAPI validation errors as the API names them: {param, message, limit?} each."""
+    items = []
+    for err in errors:
         item = {"param": _loc_to_param(tuple(err.get("loc", ()))), "message": err.get("msg", "invalid")}
         ctx = err.get("ctx") or {}
         limits = {
@@ -31,7 +32,12 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
         }
         if limits:
             item["limit"] = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in limits.items()}
-        errors.append(item)
+        items.append(item)
+    return items
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = validation_error_items(exc.errors())
     first = errors[0] if errors else {"param": None, "message": "invalid request"}
     message = "; ".join(f"{e['param']}: {e['message']}" for e in errors[:5])
     body = error_body(message, "invalid_request_error", "validation_error", first["param"], errors=errors)
