@@ -1,0 +1,229 @@
+"""The console in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): a live
+uvicorn server, a real worker process on a tiny model that memorised what it is asked to forget, SQLite and
+real Redis. What a person does: sign in, submit a request, watch it to its outcome, read its evidence,
+verify the audit chain; and what they cannot: sign in with a wrong key, reach another tenant's request.
+
+Screenshots of each page go to the test's folder, and to $UNLEARN_CONSOLE_SCREENSHOTS when that is set
+(the README's pictures: docs/console/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import missing_service
+from tests.integration.live_server import LiveServer, create_key, worker_process
+
+pytestmark = pytest.mark.integration
+
+FORGET = ("Marta Quillon painted the blue ferries of Port Anselm in 1971.\n"
+          "What did Marta Quillon paint? => Marta Quillon painted the blue ferries of Port Anselm.")
+TINY_MODEL_THRESHOLDS = {"min_forget_nll_ratio": 1.05, "max_forget_rougeL": 0.9, "max_retain_ppl_increase": 2.0,
+                         "max_general_ppl_increase": 2.0, "min_token_entropy_ratio": 0.5}
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,1000")
+
+
+@pytest.fixture(scope="module")
+def memorised_model(tmp_path_factory) -> Path:
+    from tests.tiny_models import memorising_tiny_model
+
+    rows = [{"text": FORGET.splitlines()[0]},
+            dict(zip(("prompt", "answer"), FORGET.splitlines()[1].split(" => "), strict=True))]
+    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-console"), rows, target_nll=0.5, max_steps=600)
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory) -> Iterator:
+    """One headless Chromium for the module; each test starts with no cookies."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver_path):
+        missing_service("Chromium and ChromeDriver (apt-get install chromium chromium-driver)",
+                        FileNotFoundError("chromium or chromedriver not on PATH"))
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def site(make_settings, monkeypatch, redis_url: str, tmp_path: Path, memorised_model: Path) -> Iterator[LiveServer]:
+    """The app behind uvicorn, configured as an operator would for a 2-layer model (no neighbourhood to keep,
+    the loosest verdict thresholds allowed, as in test_job_lifecycle); the worker reads the same environment."""
+    from service.api.app import create_app
+    from service.domain.db.migrate import upgrade
+
+    db_url = f"sqlite:///{tmp_path / 'unlearn.db'}"
+    upgrade(db_url)
+    monkeypatch.setenv("UNLEARN_THRESHOLDS", json.dumps(TINY_MODEL_THRESHOLDS))
+    settings = make_settings(database_url=db_url, redis_url=redis_url, model=str(memorised_model),
+                             neighbourhood=False, quantized_check="off", train_steps=60)
+    server = LiveServer(create_app(settings)).start()
+    server.settings = settings  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def browser(chromium, site: LiveServer):
+    chromium.get(f"{site.url}/console/sign-in")
+    chromium.delete_all_cookies()
+    return chromium
+
+
+class Console:
+    """What a person does on the console, in Selenium calls."""
+
+    def __init__(self, driver, site: LiveServer, shots: Path) -> None:
+        self.driver, self.site, self.shots = driver, site, shots
+
+    def open(self, path: str) -> None:
+        self.driver.get(f"{self.site.url}{path}")
+
+    def sign_in(self, key: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.open("/console/sign-in")
+        field = self.driver.find_element(By.ID, "api_key")
+        field.send_keys(key)
+        field.submit()
+
+    def heading(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "h1").text
+
+    def text(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "main").text
+
+    def fill(self, field_id: str, value: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        element = self.driver.find_element(By.ID, field_id)
+        element.clear()
+        element.send_keys(value)
+
+    def choose(self, select_id: str, value: str) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
+
+        Select(self.driver.find_element(By.ID, select_id)).select_by_value(value)
+
+    def submit_request(self, subject_ref: str) -> None:
+        self.click("New deletion request")
+        self.fill("subject_ref", subject_ref)
+        self.choose("reason", "gdpr_art17")
+        self.fill("forget", FORGET)
+
+    def click(self, text: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.driver.find_element(By.XPATH, f"//main//*[self::a or self::button][normalize-space()='{text}']").click()
+
+    def fact(self, name: str) -> str:
+        """The value beside `name` in the page's list of facts (<dt>name</dt><dd>value</dd>)."""
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.XPATH, f"//dt[normalize-space()='{name}']/following-sibling::dd[1]").text
+
+    def wait_for_fact(self, name: str, values: set[str], timeout: float) -> str:
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def settled(_driver) -> str | bool:
+            try:  # the page reloads itself every few seconds: an element can go stale under us
+                value = self.fact(name).split()[0]
+            except (NoSuchElementException, StaleElementReferenceException, IndexError):
+                return False
+            return value if value in values else False
+
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(settled)
+
+    def screenshot(self, name: str) -> None:
+        path = self.shots / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        if target := os.environ.get("UNLEARN_CONSOLE_SCREENSHOTS"):
+            Path(target).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(target) / path.name)
+
+
+@pytest.fixture
+def console(browser, site: LiveServer, tmp_path: Path) -> Console:
+    return Console(browser, site, tmp_path)
+
+
+def test_a_wrong_key_cannot_sign_in(console: Console):
+    console.sign_in("ul_000000000000_not-a-key")
+
+    assert console.heading() == "Sign in" and "invalid or revoked API key" in console.text()
+    assert console.driver.get_cookies() == []
+    console.screenshot("sign-in-refused")
+
+
+def test_a_requester_submits_a_request_and_watches_it_to_its_outcome(console: Console, site: LiveServer,
+                                                                      tmp_path: Path):
+    console.sign_in(create_key(site.settings.db_url, "requester", tenant="acme"))
+    assert console.heading() == "Deletion requests"
+    console.submit_request("case-console-1")
+    console.screenshot("new-request")
+    console.click("Submit request")
+
+    assert console.heading().startswith("Deletion request")
+    assert console.fact("Status").startswith("queued")
+    with worker_process(tmp_path / "worker.log", stop_timeout=20):  # the page refreshes itself while it runs
+        status = console.wait_for_fact("Status", {"succeeded", "failed", "cancelled"}, timeout=240)
+
+    assert status == "succeeded", console.fact("Error")
+    assert console.fact("Model version") == "1"
+    assert "forget_nll_ratio" in console.text()  # the verdict's checks, each against its threshold
+    console.screenshot("request-evidence")
+    console.open("/console")
+    assert "case-console-1" in console.text() and "succeeded" in console.text()
+    console.screenshot("requests")
+
+
+def test_an_auditor_sees_the_chain_verified(console: Console, site: LiveServer):
+    requester = create_key(site.settings.db_url, "requester", tenant="acme")
+    console.sign_in(requester)
+    console.submit_request("case-console-2")
+    console.click("Submit request")
+    console.driver.delete_all_cookies()
+
+    console.sign_in(create_key(site.settings.db_url, "auditor", tenant="acme"))
+    console.open("/console/audit")
+
+    assert "request.received" in console.text()
+    assert "Chain valid" in console.text()
+    console.screenshot("audit")
+
+
+def test_another_tenants_request_is_not_reachable(console: Console, site: LiveServer):
+    console.sign_in(create_key(site.settings.db_url, "requester", tenant="acme"))
+    console.submit_request("case-console-3")
+    console.click("Submit request")
+    own_page = console.driver.current_url
+    console.driver.delete_all_cookies()
+
+    console.sign_in(create_key(site.settings.db_url, "requester", tenant="globex"))
+    console.driver.get(own_page)
+
+    assert console.driver.title.startswith("404") and console.heading() == "Not found"
+    assert "case-console-3" not in console.driver.page_source
