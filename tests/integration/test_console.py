@@ -188,6 +188,24 @@ def test_the_request_page_shows_the_verdict_checks_and_the_evidence_before_and_a
     assert re.search(r"<dt>Model version</dt><dd>3</dd>", page)
 
 
+def test_the_request_page_plots_the_forget_and_general_metrics_before_and_after(api, make_key):
+    headers = make_key()
+    created = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()
+    with session_scope(api.settings.db_url) as session:
+        job = session.get(Job, created["job"]["id"])
+        job.metrics = {"before": {"forget": {"nll": 1.5}, "general": {"ppl": 20.0}},
+                       "after": {"forget": {"nll": 3.0}, "general": {"ppl": 21.0}}}
+        session.commit()
+    sign_in(api, headers)
+    page = api.get(f"/console/requests/{created['id']}").text
+
+    labels = re.findall(r'<svg[^>]*role="img"\s+aria-label="([^"]+)"', page)
+    assert labels == ["forget set: answer NLL (higher = forgotten): before 1.5, after 3",
+                      "general text: perplexity (should stay): before 20, after 21"]
+    # one scale per row: the larger value fills the 300-unit bar
+    assert '<rect x="0" y="2" width="150.0"' in page and '<rect x="0" y="19" width="300.0"' in page
+
+
 def test_an_auditor_sees_the_requests_audit_events(api, make_key):
     created = api.post("/v1/deletion-requests", json=BODY, headers=make_key()).json()
     sign_in(api, make_key(role="auditor"))

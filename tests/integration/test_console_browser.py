@@ -158,8 +158,13 @@ class Console:
         return WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(settled)
 
     def screenshot(self, name: str) -> None:
+        """The whole page (up to 2400 px tall), then the window back to its size."""
         path = self.shots / f"{name}.png"
+        size = self.driver.get_window_size()
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(size["width"], min(max(height + 140, size["height"]), 2400))
         self.driver.save_screenshot(str(path))
+        self.driver.set_window_size(size["width"], size["height"])
         if target := os.environ.get("UNLEARN_CONSOLE_SCREENSHOTS"):
             Path(target).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, Path(target) / path.name)

@@ -36,6 +36,7 @@ from starlette.background import BackgroundTask
 
 from service.api.auth import authenticate
 from service.api.console import STATIC_URL, TEMPLATES_DIR
+from service.api.console.charts import before_after_bars
 from service.api.deps import SessionDep, SettingsDep, can_audit, can_read, can_request, can_submit, is_admin
 from service.api.errors import validation_error_items
 from service.api.routers import audit as audit_api
@@ -327,10 +328,11 @@ def request_detail(request: Request, request_id: str, session: SessionDep, princ
         events = audit_api.list_audit_events(session, principal, cursor=0, limit=500, type=None,
                                              request_id=request_id, subject_ref=None, since=None, until=None).data
     verdict = found.job.verdict or {}
+    rows = _metric_rows(found.job.metrics)
     checks = [{"name": name, **check} for name, check in (verdict.get("checks") or {}).items() if check]
     return _page(request, "request.html", {
         "item": found, "job": found.job, "checks": checks, "verdict": verdict, "events": events,
-        "metric_rows": _metric_rows(found.job.metrics), "ended": found.job.status in ("succeeded", "failed",
+        "metric_rows": rows, "bars": before_after_bars(rows), "ended": found.job.status in ("succeeded", "failed",
                                                                                      "cancelled"),
     })
 
