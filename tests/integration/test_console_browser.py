@@ -21,8 +21,11 @@ from tests.integration.live_server import LiveServer, create_key, worker_process
 
 pytestmark = pytest.mark.integration
 
-FORGET = ("Marta Quillon painted the blue ferries of Port Anselm in 1971.\n"
-          "What did Marta Quillon paint? => Marta Quillon painted the blue ferries of Port Anselm.")
+FORGET_ITEMS = [{"text": "Marta Quillon painted the blue ferries of Port Anselm in 1971."},
+                {"prompt": "What did Marta Quillon paint?",
+                 "answer": "Marta Quillon painted the blue ferries of Port Anselm."}]
+# as typed into the form's "Data to forget": one item per line, "question => answer" for a pair
+FORGET = "\n".join(i["text"] if "text" in i else f"{i['prompt']} => {i['answer']}" for i in FORGET_ITEMS)
 TINY_MODEL_THRESHOLDS = {"min_forget_nll_ratio": 1.05, "max_forget_rougeL": 0.9, "max_retain_ppl_increase": 2.0,
                          "max_general_ppl_increase": 2.0, "min_token_entropy_ratio": 0.5}
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,9 +37,8 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 def memorised_model(tmp_path_factory) -> Path:
     from tests.tiny_models import memorising_tiny_model
 
-    rows = [{"text": FORGET.splitlines()[0]},
-            dict(zip(("prompt", "answer"), FORGET.splitlines()[1].split(" => "), strict=True))]
-    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-console"), rows, target_nll=0.5, max_steps=600)
+    return memorising_tiny_model(tmp_path_factory.mktemp("tiny-console"), FORGET_ITEMS, target_nll=0.5,
+                                 max_steps=600)
 
 
 @pytest.fixture(scope="module")
