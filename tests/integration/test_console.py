@@ -146,6 +146,20 @@ def test_a_requester_sees_own_tenant_requests_only(api, make_key, second_client)
     assert "queued" in page
 
 
+def test_pages_with_a_running_job_refresh_themselves_and_stop_when_it_ends(api, make_key):
+    headers = make_key()
+    created = api.post("/v1/deletion-requests", json=BODY, headers=headers).json()
+    sign_in(api, headers)
+    refresh = '<meta http-equiv="refresh" content="3">'
+    assert refresh in api.get("/console").text and refresh in api.get(f"/console/requests/{created['id']}").text
+
+    with session_scope(api.settings.db_url) as session:
+        session.get(Job, created["job"]["id"]).status = "succeeded"
+        session.commit()
+
+    assert refresh not in api.get("/console").text and refresh not in api.get(f"/console/requests/{created['id']}").text
+
+
 def test_another_tenants_request_is_404_like_the_api(api, make_key):
     created = api.post("/v1/deletion-requests", json=BODY, headers=make_key(tenant="acme")).json()
     sign_in(api, make_key(tenant="globex"))

@@ -44,6 +44,7 @@ from service.api.routers import deletion_requests as requests_api
 from service.api.routers import model_versions as versions_api
 from service.domain.audit.service import checkpoint_now, export_jsonl
 from service.domain.errors import Forbidden, NotFound, ServiceError, Unauthorized
+from service.domain.job_states import ENDED
 from service.domain.principal import Principal
 from service.domain.repositories import audit, model_versions
 from service.domain.submission import DeletionRequestCreate, Method, Reason
@@ -58,6 +59,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 PAIR_SEPARATOR = " => "  # a forget/retain line "prompt => answer" is a question/answer pair
+REFRESH_SECONDS = 3  # pages with a running job reload themselves (a meta refresh: the console has no script)
 
 templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
 
@@ -238,7 +240,9 @@ def request_list(
     page = requests_api.list_deletion_requests(
         session, settings, principal, status=None, subject_ref=None, since=None, until=None, offset=offset, limit=limit
     )
-    return _page(request, "requests.html", {"page": page, "can_submit": _allowed(can_request, principal)})
+    live = any(item.job.status not in ENDED for item in page.data)
+    return _page(request, "requests.html", {"page": page, "can_submit": _allowed(can_request, principal),
+                                            "refresh_seconds": REFRESH_SECONDS if live else None})
 
 
 def _blank_form() -> dict[str, str]:
@@ -332,8 +336,8 @@ def request_detail(request: Request, request_id: str, session: SessionDep, princ
     checks = [{"name": name, **check} for name, check in (verdict.get("checks") or {}).items() if check]
     return _page(request, "request.html", {
         "item": found, "job": found.job, "checks": checks, "verdict": verdict, "events": events,
-        "metric_rows": rows, "bars": before_after_bars(rows), "ended": found.job.status in ("succeeded", "failed",
-                                                                                     "cancelled"),
+        "metric_rows": rows, "bars": before_after_bars(rows), "ended": found.job.status in ENDED,
+        "refresh_seconds": None if found.job.status in ENDED else REFRESH_SECONDS,
     })
 
 
