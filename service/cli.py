@@ -239,17 +239,21 @@ def keys_list() -> None:
 
 
 @audit_app.command("export")
-def audit_export(out: Annotated[Path, typer.Option("--out", help="JSONL file to write")]) -> None:
-    """Export events, signed checkpoints and the public key for offline verification."""
-    from service.domain.audit.service import checkpoint_now, export_jsonl
+def audit_export(
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write")],
+    tenant: Annotated[str | None, typer.Option(help="that tenant's export: its rows, others redacted")] = None,
+) -> None:
+    """Sign the head, then export the chain (events, signed checkpoints, public key) for offline verification."""
+    from service.domain.audit.service import checkpoint_now, export_chain
     from service.domain.db.session import session_scope
 
     settings = _settings()
     with session_scope(settings.db_url) as session:
         checkpoint_now(session, settings.data_dir)
         session.commit()
-        count = export_jsonl(session, settings.data_dir, out)
-    console.print(f"wrote {count} events to {out}")
+        count = export_chain(session, settings.data_dir, out, tenant=tenant)
+    scope = "every tenant" if tenant is None else f"tenant {tenant} in full, others redacted"
+    console.print(f"wrote {count} rows ({scope}) to {out}")
 
 
 @audit_app.command("verify")
@@ -264,11 +268,24 @@ def audit_verify(
     from service.domain.audit.offline import verify_export
 
     result = verify_export(file, public_key)
-    if result.valid:
-        print(f"valid: {result.length} events, head seq {result.head_seq} {result.head_hash}")
-        return
-    print(f"INVALID: first bad seq {result.first_bad_seq}: {result.reason}")
-    raise typer.Exit(1)
+    if not result.valid:
+        print(f"INVALID: first bad seq {result.first_bad_seq}: {result.reason}")
+        raise typer.Exit(1)
+    redacted = f" ({result.redacted} of other tenants, redacted)" if result.redacted else ""
+    print(f"valid: {result.length} rows{redacted}, head seq {result.head_seq} {result.head_hash}, "
+          f"{result.checkpoints} signed checkpoints")
+    if result.unproven_through is not None:
+        print(f"note: rows up to seq {result.unproven_through} lie before redacted rows in the old hash format, "
+              "whose links are taken on trust: only the operator's whole-chain export proves them")
+
+
+@audit_app.command("public-key")
+def audit_public_key() -> None:
+    """Print the audit signing key's public half (base64) and its id: publish it, so auditors can pin it."""
+    from service.domain.audit.signing import key_id, load_or_create_signing_key, public_key_b64
+
+    public = public_key_b64(load_or_create_signing_key(_settings().data_dir))
+    print(f"{public}  key_id {key_id(public)}")
 
 
 @audit_app.command("checkpoint")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,15 +50,15 @@ def _drop_postgres_database(name: str) -> None:
     admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database built by Alembic migrations (never create_all), on SQLite and on PostgreSQL."""
+@contextmanager
+def built_database(kind: str, tmp_path: Path, revision: str = "head") -> Iterator[str]:
+    """A fresh SQLite or PostgreSQL database built by Alembic migrations up to `revision` (never create_all)."""
     from service.domain.db.migrate import upgrade
     from service.domain.db.session import get_engine
 
-    if request.param == "sqlite":
+    if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'unlearn.db'}"
-        upgrade(url)
+        upgrade(url, revision)
         yield url
         get_engine(url).dispose()
         return
@@ -65,10 +66,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         url, name = _create_postgres_database()
     except Exception as exc:  # noqa: BLE001
         missing_service("PostgreSQL", exc)
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    _drop_postgres_database(name)
+    try:
+        upgrade(url, revision)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        _drop_postgres_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database built by Alembic migrations, on SQLite and on PostgreSQL."""
+    with built_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

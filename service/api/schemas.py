@@ -98,6 +98,8 @@ class AuditEventOut(BaseModel):
     payload: dict[str, Any]
     prev_hash: str
     row_hash: str
+    hash_version: int = Field(description="2: row_hash = SHA-256(prev_hash || SHA-256(JCS(row, salt))); 1: older")
+    salt: str | None = Field(description="hex; hashed with the row (version 2)")
 
 
 class AuditPage(BaseModel):

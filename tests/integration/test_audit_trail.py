@@ -7,14 +7,20 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from service.domain.audit.chain import GENESIS, canonical, format_ts, row_hash
+from service.domain.audit.offline import verify_export
 from service.domain.audit.service import checkpoint_now, verify_database_chain
+from service.domain.audit.signing import load_or_create_signing_key, public_key_b64
+from service.domain.db.migrate import downgrade, upgrade
 from service.domain.db.session import session_scope
 from service.domain.repositories import audit
+from tests.conftest import built_database
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +39,42 @@ def test_fresh_chain_verifies(db_url, tmp_path):
     with session_scope(db_url) as session:
         result = verify_database_chain(session, tmp_path)
     assert result.valid and result.length == 5 and result.head_seq == 5
+
+
+def test_new_rows_are_hashed_in_version_2_with_their_own_salt(db_url):
+    append_some(db_url, 2)
+    with session_scope(db_url) as session:
+        rows = list(audit.iter_all_events(session))
+    assert [r.hash_version for r in rows] == [2, 2]
+    assert all(len(r.salt) == 32 for r in rows) and rows[0].salt != rows[1].salt
+
+
+@pytest.mark.parametrize("database_kind", ["sqlite", "postgresql"])
+def test_rows_written_before_version_2_verify_alongside_new_ones(tmp_path, database_kind):
+    """A database with version-1 rows, upgraded: the old rows keep their hashes and the chain still verifies;
+    going back down is refused once version-2 rows exist (schema 0003 cannot hold their salt)."""
+    with built_database(database_kind, tmp_path, revision="0003") as url:
+        with session_scope(url) as session:
+            prev = GENESIS
+            for seq in (1, 2):
+                ts = format_ts(datetime(2026, 11, 1, 12, seq, tzinfo=UTC))
+                h = row_hash(prev, seq, ts, "test.event", None, "acme", {"i": seq})
+                session.execute(
+                    text("INSERT INTO audit_events (seq, ts, event_type, actor, tenant, request_id, payload, "
+                         "prev_hash, row_hash) VALUES (:seq, :ts, 'test.event', NULL, 'acme', NULL, :payload, "
+                         ":prev, :h)"),
+                    {"seq": seq, "ts": ts, "payload": canonical({"i": seq}).decode(), "prev": prev, "h": h},
+                )
+                prev = h
+            session.commit()
+        upgrade(url)
+        append_some(url, 2)
+        with session_scope(url) as session:
+            assert [r.hash_version for r in audit.iter_all_events(session)] == [1, 1, 2, 2]
+            result = verify_database_chain(session, tmp_path)
+        assert result.valid and result.length == 4
+        with pytest.raises(RuntimeError, match="version 2"):
+            downgrade(url, "0003")
 
 
 def test_rolled_back_state_change_leaves_no_event(db_url):
@@ -99,6 +141,54 @@ def test_export_then_offline_verify_and_tamper(api, make_key, tmp_path):
     export.write_text("\n".join(lines) + "\n")
     bad = run_cli("audit", "verify", str(export))
     assert bad.returncode == 1 and "first bad seq 1" in bad.stdout
+
+
+def two_tenants_requests(api, make_key) -> None:
+    api.post("/v1/deletion-requests", json=BODY, headers=make_key(tenant="acme"))
+    api.post("/v1/deletion-requests", json={**BODY, "subject_ref": "globex-case"}, headers=make_key(tenant="globex"))
+
+
+def test_an_auditor_downloads_its_tenant_export_that_verifies_against_the_operator_key(api, make_key, tmp_path):
+    two_tenants_requests(api, make_key)
+    response = api.post("/v1/audit/export", headers=make_key(role="auditor", tenant="acme"))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/jsonl")
+    assert "globex" not in response.text and "Secret fact" not in response.text
+    export = tmp_path / "acme.jsonl"
+    export.write_bytes(response.content)
+    operator_key = public_key_b64(load_or_create_signing_key(api.settings.data_dir))
+    result = verify_export(export, public_key_b64=operator_key)
+    assert result.valid and result.length == 2 and result.redacted == 1 and result.checkpoints == 1
+    kinds = [json.loads(line)["kind"] for line in response.text.splitlines()]
+    assert kinds == ["header", "event", "redacted", "checkpoint"]
+
+
+def test_an_auditor_cannot_export_another_tenants_view(api, make_key):
+    response = api.post("/v1/audit/export?tenant=globex", headers=make_key(role="auditor", tenant="acme"))
+    assert response.status_code == 403 and response.json()["error"]["param"] == "tenant"
+    assert api.post("/v1/audit/export", headers=make_key(role="requester")).status_code == 403
+
+
+def test_an_admin_exports_the_whole_chain_or_one_tenants_view(api, make_key, tmp_path):
+    two_tenants_requests(api, make_key)
+    admin = make_key(role="admin", tenant="ops")
+    whole = api.post("/v1/audit/export", headers=admin)
+    assert "globex-case" in whole.text and '"kind": "redacted"' not in whole.text
+    view = api.post("/v1/audit/export?tenant=globex", headers=admin)
+    assert "globex-case" in view.text and view.text.count('"kind": "redacted"') == 1
+    export = tmp_path / "globex.jsonl"
+    export.write_bytes(view.content)
+    assert verify_export(export).valid
+
+
+def test_cli_tenant_export_verifies_offline(api, make_key, tmp_path):
+    two_tenants_requests(api, make_key)
+    export = tmp_path / "acme.jsonl"
+    assert run_cli("audit", "export", "--out", str(export), "--tenant", "acme").returncode == 0
+    assert "globex" not in export.read_text()
+    operator_key = run_cli("audit", "public-key").stdout.split()[0]
+    ok = run_cli("audit", "verify", str(export), "--public-key", operator_key)
+    assert ok.returncode == 0 and "valid: 2 rows (1 of other tenants, redacted)" in ok.stdout
+    assert run_cli("audit", "verify", str(export), "--public-key", "A" * 43 + "=").returncode == 1
 
 
 def test_keys_create_prints_the_key_last_and_it_works(api):

@@ -331,7 +331,6 @@ def test_an_auditor_sees_the_audit_log_with_the_chain_status(api, make_key):
     assert "request.received" in response.text and "globex-case" not in response.text
     assert "555-0199" not in response.text
     assert "no signed checkpoint yet" in response.text
-    assert "/console/audit/export" not in response.text  # the whole-chain export is the operator's
 
 
 def test_the_audit_log_filters_by_type_and_paginates(api, make_key):
@@ -350,6 +349,26 @@ def test_a_requester_gets_403_on_audit_and_versions(api, make_key, path):
     sign_in(api, make_key())
     response = api.get(path)
     assert response.status_code == 403 and "may not do this" in response.text
+
+
+def test_an_auditor_downloads_its_tenant_export_that_verifies_offline(api, make_key, tmp_path):
+    api.post("/v1/deletion-requests", json=BODY, headers=make_key(tenant="acme"))
+    api.post("/v1/deletion-requests", json={**BODY, "subject_ref": "globex-case"}, headers=make_key(tenant="globex"))
+    sign_in(api, make_key(role="auditor", tenant="acme"))
+    page = api.get("/console/audit").text
+    assert "/console/audit/export" in page and "every other" in page
+    response = api.post("/console/audit/export", data={"csrf_token": csrf(api, "/console/audit")})
+    assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
+    assert "globex" not in response.text
+    export = tmp_path / "audit.jsonl"
+    export.write_bytes(response.content)
+    result = verify_export(export)
+    assert result.valid and result.length == 2 and result.redacted == 1 and result.checkpoints == 1
+
+
+def test_the_export_needs_the_csrf_token(api, make_key):
+    sign_in(api, make_key(role="auditor"))
+    assert api.post("/console/audit/export", data={}).status_code == 403
 
 
 def test_an_admin_downloads_the_export_that_verifies_offline(api, make_key, tmp_path):

@@ -1,7 +1,8 @@
 """The console in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): a live
 uvicorn server, a real worker process on a tiny model that memorised what it is asked to forget, SQLite and
 real Redis. What a person does: sign in, submit a request, watch it to its outcome, read its evidence,
-verify the audit chain; and what they cannot: sign in with a wrong key, reach another tenant's request.
+verify the audit chain and download its export; and what they cannot: sign in with a wrong key, reach
+another tenant's request.
 
 Screenshots of each page go to the test's folder, and to $UNLEARN_CONSOLE_SCREENSHOTS when that is set
 (the README's pictures: docs/console/)."""
@@ -11,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from service.domain.audit.offline import verify_export
 from tests.conftest import missing_service
 from tests.integration.live_server import LiveServer, create_key, worker_process
 
@@ -104,7 +106,20 @@ class Console:
         self.open("/console/sign-in")
         field = self.driver.find_element(By.ID, "api_key")
         field.send_keys(key)
-        field.submit()
+        self._navigating(field.submit)
+
+    def _navigating(self, action: Callable[[], None], timeout: float = 30) -> None:
+        """Do what loads a new page, and return once it has loaded: Selenium's click and submit return as
+        soon as the browser has the event, and a lookup right after can still meet the old page, or none."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        old_page = self.driver.find_element(By.TAG_NAME, "html")
+        action()
+        wait = WebDriverWait(self.driver, timeout, poll_frequency=0.1)
+        wait.until(expected_conditions.staleness_of(old_page))
+        wait.until(lambda driver: driver.execute_script("return document.readyState") == "complete")
 
     def heading(self) -> str:
         from selenium.webdriver.common.by import By
@@ -135,10 +150,28 @@ class Console:
         self.choose("reason", "gdpr_art17")
         self.fill("forget", FORGET)
 
-    def click(self, text: str) -> None:
+    def click(self, text: str, *, loads_a_page: bool = True) -> None:
         from selenium.webdriver.common.by import By
 
-        self.driver.find_element(By.XPATH, f"//main//*[self::a or self::button][normalize-space()='{text}']").click()
+        target = self.driver.find_element(By.XPATH, f"//main//*[self::a or self::button][normalize-space()='{text}']")
+        if loads_a_page:
+            self._navigating(target.click)
+        else:
+            target.click()
+
+    def download(self, button: str, folder: Path, timeout: float = 30) -> Path:
+        """Click a button whose answer is a file attachment; the file once Chromium has finished writing it."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+        self.click(button, loads_a_page=False)  # an attachment: the page stays
+
+        def finished(_driver) -> Path | bool:
+            files = [f for f in folder.iterdir() if not f.name.endswith(".crdownload")]
+            return files[0] if files and not any(folder.glob("*.crdownload")) else False
+
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(finished)
 
     def fact(self, name: str) -> str:
         """The value beside `name` in the page's list of facts (<dt>name</dt><dd>value</dd>)."""
@@ -207,12 +240,13 @@ def test_a_requester_submits_a_request_and_watches_it_to_its_outcome(console: Co
     console.screenshot("requests")
 
 
-def test_an_auditor_sees_the_chain_verified(console: Console, site: LiveServer):
-    requester = create_key(site.settings.db_url, "requester", tenant="acme")
-    console.sign_in(requester)
-    console.submit_request("case-console-2")
-    console.click("Submit request")
-    console.driver.delete_all_cookies()
+def test_an_auditor_sees_the_chain_verified_and_downloads_the_export(console: Console, site: LiveServer,
+                                                                      tmp_path: Path):
+    for tenant in ("globex", "acme"):
+        console.sign_in(create_key(site.settings.db_url, "requester", tenant=tenant))
+        console.submit_request(f"case-console-{tenant}")
+        console.click("Submit request")
+        console.driver.delete_all_cookies()
 
     console.sign_in(create_key(site.settings.db_url, "auditor", tenant="acme"))
     console.open("/console/audit")
@@ -220,6 +254,10 @@ def test_an_auditor_sees_the_chain_verified(console: Console, site: LiveServer):
     assert "request.received" in console.text()
     assert "Chain valid" in console.text()
     console.screenshot("audit")
+    export = console.download("Sign the head and download the export", tmp_path / "downloads")
+    result = verify_export(export)
+    assert result.valid and result.redacted == 1 and result.checkpoints == 1
+    assert "case-console-acme" in export.read_text() and "globex" not in export.read_text()
 
 
 def test_another_tenants_request_is_not_reachable(console: Console, site: LiveServer):

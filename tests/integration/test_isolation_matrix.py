@@ -48,6 +48,8 @@ MATRIX: dict[tuple[str, str], Route] = {
     ("POST", "/v1/deletion-requests/{request_id}/withdraw"): Route((), own_status=409, body={"reason": "duplicate"}),
     ("GET", "/v1/audit"): Route(("auditor",), owned="list"),
     ("GET", "/v1/audit/verify"): Route(("auditor",)),
+    # JSON Lines, not a page: other tenants' rows redacted (test_audit_trail checks what it holds)
+    ("POST", "/v1/audit/export"): Route(("auditor",)),
     ("GET", "/v1/model-versions"): Route(()),
     ("POST", "/v1/model-versions/{version}/activate"): Route(()),
     # the `api` app serves no model: a request that passes auth gets 503, never 401/403

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import os
 import stat
@@ -13,8 +14,12 @@ import pytest
 
 from service.domain.audit.chain import (
     GENESIS,
+    body_hash,
     canonical,
+    compute_row_hash,
     format_ts,
+    link_hash,
+    redact,
     row_hash,
     verify_against_checkpoints,
     verify_events,
@@ -308,11 +313,12 @@ def test_export_round_trips_and_verifies_offline(signing_key, tmp_path):
     first = json.loads(path.read_text().splitlines()[0])
     assert first == {
         "kind": "header",
-        "format": "unlearn-audit/1",
+        "format": "unlearn-audit/2",
         "public_key": public_key_b64(signing_key),
         "key_id": sign_head(signing_key, 1, GENESIS)["key_id"],
+        "scope": "all",
     }
-    assert export_header(signing_key) == first
+    assert export_header(signing_key, scope="all") == first
     assert len(read_export(path).events) == 6
     result = verify_export(path, public_key_b64=public_key_b64(signing_key))
     assert result.valid and result.head_seq == 6 and result.checkpoints == 1
@@ -352,3 +358,134 @@ def test_malformed_export_is_an_invalid_result(tmp_path, content):
 def test_signature_is_base64_of_64_bytes(signing_key):
     cp = sign_head(signing_key, 1, GENESIS)
     assert len(base64.b64decode(cp["signature_b64"])) == 64
+
+
+# --- hash version 2 and tenant exports with redacted rows ---------------------------------------
+
+
+def build_chain_v2(tenants: list[str], events: list[dict] | None = None) -> list[dict]:
+    """Version-2 rows, one per entry of `tenants`, appended to `events` (e.g. a version-1 chain)."""
+    events = [dict(e) for e in events or []]
+    prev = events[-1]["row_hash"] if events else GENESIS
+    for tenant in tenants:
+        seq = len(events) + 1
+        row = {"seq": seq, "ts": format_ts(T0 + timedelta(seconds=seq)), "type": "request.received",
+               "actor": f"key-{tenant}", "tenant": tenant, "request_id": f"req-{tenant}-{seq}",
+               "payload": {"subject_ref": f"{tenant}-subject-{seq}"}, "prev_hash": prev,
+               "hash_version": 2, "salt": f"{seq:032x}"}
+        row["row_hash"] = prev = compute_row_hash(row, prev)
+        events.append(row)
+    return events
+
+
+def test_v2_row_hash_links_prev_to_the_salted_body_hash():
+    (row,) = build_chain_v2(["acme"])
+    body = {"seq": 1, "ts": row["ts"], "type": "request.received", "actor": "key-acme", "tenant": "acme",
+            "payload": row["payload"], "hash_version": 2, "salt": row["salt"]}
+    inner = hashlib.sha256(canonical(body)).hexdigest()
+    assert body_hash(1, row["ts"], "request.received", "key-acme", "acme", row["payload"], row["salt"]) == inner
+    assert row["row_hash"] == hashlib.sha256(bytes.fromhex(GENESIS) + bytes.fromhex(inner)).hexdigest()
+    assert link_hash(GENESIS, inner) == row["row_hash"]
+
+
+def test_v2_chain_verifies_and_protects_the_salt():
+    events = build_chain_v2(["acme", "globex", "acme"])
+    assert verify_events(events).valid
+    events[1]["salt"] = "f" * 32
+    result = verify_events(events)
+    assert not result.valid and result.first_bad_seq == 2
+
+
+def test_a_chain_upgraded_from_v1_to_v2_verifies():
+    events = build_chain_v2(["acme", "globex"], events=build_chain(3))
+    result = verify_events(events)
+    assert result.valid and result.head_seq == 5
+
+
+def test_a_redacted_v2_row_keeps_its_link_and_shows_no_content():
+    row = build_chain_v2(["globex"])[0]
+    shown = redact(row)
+    assert set(shown) == {"seq", "hash_version", "redacted", "prev_hash", "row_hash", "body_hash"}
+    assert link_hash(shown["prev_hash"], shown["body_hash"]) == row["row_hash"]
+    assert verify_events([shown]).valid
+
+
+def _tenant_export(path, events, key, tenant, checkpoint_seq=None):
+    seq = checkpoint_seq or len(events)
+    cps = [sign_head(key, seq, events[seq - 1]["row_hash"])]
+    write_export(path, export_lines(events, cps, public_key_b64(key), tenant=tenant))
+    return path
+
+
+def test_a_tenant_export_verifies_and_holds_nothing_of_other_tenants(signing_key, tmp_path):
+    events = build_chain_v2(["acme", "globex", "acme", "globex", "initech"])
+    path = _tenant_export(tmp_path / "acme.jsonl", events, signing_key, "acme")
+    text = path.read_text()
+    assert "globex" not in text and "initech" not in text
+    assert json.loads(text.splitlines()[0])["scope"] == {"tenant": "acme"}
+    result = verify_export(path, public_key_b64=public_key_b64(signing_key))
+    assert result.valid and result.length == 5 and result.redacted == 3 and result.checkpoints == 1
+    assert result.unproven_through is None
+
+
+def test_an_own_row_edited_in_the_database_is_caught_in_the_tenant_export(signing_key, tmp_path):
+    """The forger edits acme's row 1, recomputes its hash and re-links every later row: the signed head no
+    longer matches, and no redacted row lets the edit through."""
+    events = build_chain_v2(["acme", "globex", "acme", "globex"])
+    signed = sign_head(signing_key, 4, events[3]["row_hash"])
+    forged = copy.deepcopy(events)
+    forged[0]["payload"] = {"subject_ref": "someone-else"}
+    prev = GENESIS
+    for row in forged:
+        row["prev_hash"] = prev
+        row["row_hash"] = prev = compute_row_hash(row, prev)
+    path = tmp_path / "acme.jsonl"
+    write_export(path, export_lines(forged, [signed], public_key_b64(signing_key), tenant="acme"))
+    result = verify_export(path, public_key_b64=public_key_b64(signing_key))
+    assert not result.valid and "rewritten" in result.reason
+
+
+def test_an_edited_redacted_row_is_caught(signing_key, tmp_path):
+    events = build_chain_v2(["acme", "globex", "acme"])
+    path = _tenant_export(tmp_path / "acme.jsonl", events, signing_key, "acme")
+    lines = path.read_text().splitlines()
+    redacted = json.loads(lines[2])
+    redacted["body_hash"] = "0" * 64
+    lines[2] = json.dumps(redacted)
+    path.write_text("\n".join(lines) + "\n")
+    result = verify_export(path)
+    assert not result.valid and result.first_bad_seq == 2
+
+
+def test_a_v2_row_cannot_pass_itself_off_as_a_redacted_v1_row(signing_key, tmp_path):
+    """Old rows' links are taken on trust when redacted; a newer row claiming to be one is refused."""
+    events = build_chain_v2(["acme", "acme", "acme"])
+    hidden = {"seq": 2, "hash_version": 1, "redacted": True, "prev_hash": events[1]["prev_hash"],
+              "row_hash": events[1]["row_hash"]}
+    result = verify_events([events[0], hidden, events[2]])
+    assert not result.valid and result.first_bad_seq == 2 and "hash_version 1" in result.reason
+
+
+def test_unknown_hash_version_is_refused():
+    events = build_chain_v2(["acme"])
+    events[0]["hash_version"] = 3
+    result = verify_events(events)
+    assert not result.valid and "unknown hash_version" in result.reason
+
+
+def test_redacted_v1_rows_are_taken_on_trust_and_reported(signing_key, tmp_path):
+    """A chain written before version 2: another tenant's old rows can only be shown by their row_hash, so
+    the tenant export verifies but says which rows it cannot prove."""
+    legacy = build_chain(4)
+    for row in legacy[1::2]:
+        row["tenant"] = "globex"
+        row["row_hash"] = None
+    prev = GENESIS
+    for row in legacy:  # rehash with the new tenants
+        row["prev_hash"] = prev
+        row["row_hash"] = prev = row_hash(prev, row["seq"], row["ts"], row["type"], row["actor"], row["tenant"],
+                                          row["payload"])
+    events = build_chain_v2(["acme", "globex"], events=legacy)
+    path = _tenant_export(tmp_path / "acme.jsonl", events, signing_key, "acme")
+    result = verify_export(path, public_key_b64=public_key_b64(signing_key))
+    assert result.valid and result.redacted == 3 and result.unproven_through == 4

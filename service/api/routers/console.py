@@ -17,22 +17,19 @@ import hashlib
 import hmac
 import inspect
 import re
-import tempfile
 import uuid
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Annotated, Any, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from pydantic import ValidationError
-from starlette.background import BackgroundTask
 
 from service.api.auth import authenticate
 from service.api.console import STATIC_URL, TEMPLATES_DIR
@@ -42,7 +39,6 @@ from service.api.errors import validation_error_items
 from service.api.routers import audit as audit_api
 from service.api.routers import deletion_requests as requests_api
 from service.api.routers import model_versions as versions_api
-from service.domain.audit.service import checkpoint_now, export_jsonl
 from service.domain.errors import Forbidden, NotFound, ServiceError, Unauthorized
 from service.domain.job_states import ENDED
 from service.domain.principal import Principal
@@ -200,6 +196,7 @@ Submitter = _same_rule_as(can_submit, post=True)
 Auditor = _same_rule_as(can_audit)
 Admin = _same_rule_as(is_admin)
 AdminPost = _same_rule_as(is_admin, post=True)
+AuditorPost = _same_rule_as(can_audit, post=True)
 
 
 @router.get("/sign-in")
@@ -357,25 +354,15 @@ def audit_page(
         "page": page, "verification": audit_api.verify_audit_chain(session, settings, principal),
         "checkpoint": audit.latest_checkpoint(session),
         "filters": {"type": event_type or "", "request_id": request_id or ""},
-        "limit": limit, "can_export": _allowed(is_admin, principal),
+        "limit": limit,
     })
 
 
 @router.post("/audit/export")
-def audit_export(session: SessionDep, settings: SettingsDep, principal: AdminPost) -> Response:
-    """Sign the head now, then the whole chain as the JSONL that `unlearn audit verify` checks offline (as
-    `unlearn audit export` writes it). Admin only: the chain spans every tenant."""
-    checkpoint_now(session, settings.data_dir)
-    session.commit()
-    folder = Path(tempfile.mkdtemp(prefix="unlearn-audit-"))
-    out = folder / "audit-export.jsonl"
-    export_jsonl(session, settings.data_dir, out)
-
-    def cleanup() -> None:
-        out.unlink(missing_ok=True)
-        folder.rmdir()
-
-    return FileResponse(out, media_type="application/jsonl", filename=out.name, background=BackgroundTask(cleanup))
+def audit_export(session: SessionDep, settings: SettingsDep, principal: AuditorPost) -> Response:
+    """The v1 export: signs the head, then the auditor's tenant view (admin: the whole chain) as the JSONL
+    that `unlearn audit verify` checks offline."""
+    return audit_api.export_audit_chain(session, settings, principal, tenant=None)
 
 
 # ---------------------------------------------------------------- model versions

@@ -1,10 +1,16 @@
 """Audit export file (JSON Lines) and its offline verification: no database, no service needed.
 
-Format "unlearn-audit/1", one JSON object per line:
-  {"kind": "header", "format": "unlearn-audit/1", "public_key": <raw Ed25519 key, base64>, "key_id", ...}
-  {"kind": "event", "seq", "ts", "type", "actor", "tenant", "request_id", "payload", "prev_hash", "row_hash"}
-  ... (every event, seq order)
+Format "unlearn-audit/2", one JSON object per line:
+  {"kind": "header", "format": "unlearn-audit/2", "public_key": <raw Ed25519 key, base64>, "key_id",
+   "scope": "all" | {"tenant": T}, ...}
+  {"kind": "event", "seq", "ts", "type", "actor", "tenant", "request_id", "payload", "prev_hash", "row_hash",
+   "hash_version", "salt"}
+  {"kind": "redacted", "seq", "hash_version", "body_hash" (version 2 only), "prev_hash", "row_hash"}
+  ... (every row of the chain, seq order)
   {"kind": "checkpoint", "seq", "row_hash", "signature_b64", "public_key_b64", "key_id"}
+A tenant's export (scope {"tenant": T}) shows T's rows in full and every other row redacted: the chain and
+the signed heads still verify end to end, and the only thing it tells about others is that rows exist.
+"unlearn-audit/1" files (no scope, no redacted rows, version-1 rows) still read and verify.
 The header's key is only as trustworthy as the file: pass the operator's published key as
 `public_key_b64` to pin it, otherwise a forger could re-sign a rebuilt chain with a key of their own.
 """
@@ -20,17 +26,21 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from service.domain.audit.chain import GENESIS, VerifyResult, verify_against_checkpoints, verify_events
+from service.domain.audit.chain import GENESIS, VerifyResult, redact, verify_against_checkpoints, verify_events
 from service.domain.audit.signing import key_id
 from service.domain.audit.signing import public_key_b64 as encode_public_key
 
-FORMAT = "unlearn-audit/1"
-EVENT_FIELDS = ("seq", "ts", "type", "actor", "tenant", "request_id", "payload", "prev_hash", "row_hash")
+FORMAT = "unlearn-audit/2"
+READABLE_FORMATS = ("unlearn-audit/1", FORMAT)
+EVENT_FIELDS = (
+    "seq", "ts", "type", "actor", "tenant", "request_id", "payload", "prev_hash", "row_hash", "hash_version", "salt",
+)
+REDACTED_FIELDS = ("seq", "hash_version", "body_hash", "prev_hash", "row_hash")
 CHECKPOINT_FIELDS = ("seq", "row_hash", "signature_b64", "public_key_b64", "key_id")
 
 
 class ExportFormatError(ValueError):
-    """The file is not a well-formed unlearn-audit/1 export (names the line)."""
+    """The file is not a well-formed unlearn-audit export (names the line)."""
 
 
 @dataclass
@@ -51,11 +61,18 @@ def export_lines(
     checkpoints: Iterable[Mapping[str, Any]],
     public_key_b64: str,
     header_extra: Mapping[str, Any] | None = None,
+    tenant: str | None = None,
 ) -> Iterator[str]:
-    """The export, line by line (no newline). `header_extra` adds fields such as exported_at."""
-    yield json.dumps(export_header(public_key_b64, **(header_extra or {})))
+    """The export, line by line (no newline). `header_extra` adds fields such as exported_at; `tenant` makes
+    it that tenant's export: its rows in full, every other row (other tenants', the system's) redacted."""
+    scope = "all" if tenant is None else {"tenant": tenant}
+    yield json.dumps(export_header(public_key_b64, scope=scope, **(header_extra or {})))
     for event in events:
-        yield json.dumps({"kind": "event", **{k: event.get(k) for k in EVENT_FIELDS}})
+        if tenant is None or event.get("tenant") == tenant:
+            yield json.dumps({"kind": "event", **{k: event.get(k) for k in EVENT_FIELDS}})
+        else:
+            shown = redact(event)
+            yield json.dumps({"kind": "redacted", **{k: shown[k] for k in REDACTED_FIELDS if k in shown}})
     for cp in checkpoints:
         yield json.dumps({"kind": "checkpoint", **{k: cp.get(k) for k in CHECKPOINT_FIELDS}})
 
@@ -80,8 +97,8 @@ def _parse_line(number: int, line: str) -> dict[str, Any]:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ExportFormatError(f"line {number}: not JSON ({exc.msg})") from None
-    if not isinstance(obj, dict) or obj.get("kind") not in ("header", "event", "checkpoint"):
-        raise ExportFormatError(f"line {number}: expected an object with kind header/event/checkpoint")
+    if not isinstance(obj, dict) or obj.get("kind") not in ("header", "event", "redacted", "checkpoint"):
+        raise ExportFormatError(f"line {number}: expected an object with kind header/event/redacted/checkpoint")
     return obj
 
 
@@ -100,13 +117,15 @@ def read_export(path: str | Path) -> AuditExport:
             obj = _parse_line(number, raw)
             kind = obj.pop("kind")
             if export is None:
-                if kind != "header" or obj.get("format") != FORMAT:
+                if kind != "header" or obj.get("format") not in READABLE_FORMATS:
                     raise ExportFormatError(f"line {number}: first line must be a {FORMAT} header")
                 export = AuditExport(header=obj)
             elif kind == "header":
                 raise ExportFormatError(f"line {number}: a second header")
             elif kind == "event":
                 export.events.append(obj)
+            elif kind == "redacted":
+                export.events.append({**obj, "redacted": True})
             else:
                 _check_checkpoint(number, obj)
                 export.checkpoints.append(obj)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from service.domain.audit.chain import verify_against_checkpoints, verify_events
+from service.domain.audit.chain import format_ts, verify_against_checkpoints, verify_events
+from service.domain.audit.offline import export_lines, write_export
 from service.domain.audit.signing import load_or_create_signing_key, public_key_b64, sign_head
+from service.domain.db.models import utcnow
 from service.domain.db.session import write_lock
 from service.domain.repositories import audit
 
@@ -68,19 +69,12 @@ def maybe_checkpoint(session: Session, data_dir: Path, every: int) -> dict | Non
     return checkpoint_now(session, data_dir)
 
 
-def export_jsonl(session: Session, data_dir: Path, out: Path) -> int:
-    """Write header + events + checkpoints as JSONL (the format `verify_export` checks offline)."""
-    from service.domain.audit.offline import export_header
-
-    key = load_or_create_signing_key(data_dir)
-    count = 0
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(json.dumps(export_header(key)) + "\n")
-        for event in audit.iter_all_events(session):
-            fh.write(json.dumps({"kind": "event", **audit.event_as_dict(event)}) + "\n")
-            count += 1
-        for cp in checkpoint_dicts(session):
-            fh.write(json.dumps({"kind": "checkpoint", **cp}) + "\n")
-    tmp.replace(out)
-    return count
+def export_chain(session: Session, data_dir: Path, out: Path, tenant: str | None = None) -> int:
+    """Write the chain as the JSONL that `verify_export` checks offline (atomically); returns the number of
+    rows. tenant=None: every row in full (the operator's export); a tenant: its rows in full, every other
+    row redacted. Sign the head first (`checkpoint_now`, committed) so the export's last row is covered."""
+    events = (audit.event_as_dict(e) for e in audit.iter_all_events(session))
+    checkpoints = checkpoint_dicts(session)
+    key = public_key_b64(load_or_create_signing_key(data_dir))
+    lines = write_export(out, export_lines(events, checkpoints, key, {"exported_at": format_ts(utcnow())}, tenant))
+    return lines - 1 - len(checkpoints)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -176,7 +177,8 @@ class ServingState(Base):
 
 
 class AuditEvent(Base):
-    """Append-only hash chain: row_hash = SHA-256(prev_hash || canonical({seq, ts, type, actor, tenant, payload}))."""
+    """Append-only hash chain; row_hash as service.domain.audit.chain defines it for the row's hash_version
+    (2: SHA-256(prev_hash || SHA-256(canonical row with its salt)); 1, older rows: no salt, no inner hash)."""
 
     __tablename__ = "audit_events"
 
@@ -191,6 +193,8 @@ class AuditEvent(Base):
     payload: Mapped[str] = mapped_column(Text)  # RFC 8785 canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash_version: Mapped[int] = mapped_column(SmallInteger, server_default="1")
+    salt: Mapped[str | None] = mapped_column(String(32))  # hex, version 2 only
 
 
 class AuditCheckpoint(Base):

@@ -6,6 +6,8 @@ write lock first, so appends from the API and the workers are serialised and seq
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.domain.audit.chain import GENESIS, canonical, format_ts, row_hash
+from service.domain.audit.chain import GENESIS, HASH_VERSION, canonical, compute_row_hash, format_ts
 from service.domain.db.models import AuditCheckpoint, AuditEvent, DeletionRequest, utcnow
 from service.domain.db.session import write_lock
 
@@ -35,18 +37,19 @@ def append_event(
     last = head(session)
     seq = 1 if last is None else last.seq + 1
     prev = GENESIS if last is None else last.row_hash
-    ts = format_ts(utcnow())
     event = AuditEvent(
         seq=seq,
-        ts=ts,
+        ts=format_ts(utcnow()),
         event_type=event_type,
         actor=actor,
         tenant=tenant,
         request_id=request_id,
         payload=canonical(payload).decode(),
         prev_hash=prev,
-        row_hash=row_hash(prev, seq, ts, event_type, actor, tenant, payload),
+        hash_version=HASH_VERSION,
+        salt=secrets.token_hex(16),
     )
+    event.row_hash = compute_row_hash(event_as_dict(event), prev)
     session.add(event)
     session.flush()
     return event
@@ -121,8 +124,6 @@ def latest_checkpoint(session: Session) -> AuditCheckpoint | None:
 
 def event_as_dict(event: AuditEvent) -> dict[str, Any]:
     """The exported/verified form of a row (payload decoded back to JSON)."""
-    import json
-
     return {
         "seq": event.seq,
         "ts": event.ts,
@@ -133,4 +134,6 @@ def event_as_dict(event: AuditEvent) -> dict[str, Any]:
         "payload": json.loads(event.payload),
         "prev_hash": event.prev_hash,
         "row_hash": event.row_hash,
+        "hash_version": event.hash_version,
+        "salt": event.salt,
     }
