@@ -21,14 +21,18 @@ from service.domain.repositories import audit
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
+# query parameter types, shared with the console's audit page
+Cursor = Annotated[int, Query(ge=0, le=2**62, description="seq of the last event seen")]
+Limit = Annotated[int, Query(ge=1, le=500)]
+EventType = Annotated[str | None, Query(max_length=48)]
+RequestId = Annotated[str | None, Query(max_length=36)]
+
 
 @router.get("", response_model=AuditPage)
 def list_audit_events(
     session: SessionDep, principal: AuditorDep,
-    cursor: Annotated[int, Query(ge=0, le=2**62, description="seq of the last event seen")] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    type: Annotated[str | None, Query(max_length=48)] = None,  # noqa: A002
-    request_id: Annotated[str | None, Query(max_length=36)] = None,
+    cursor: Cursor = 0, limit: Limit = 100, type: EventType = None,  # noqa: A002
+    request_id: RequestId = None,
     subject_ref: Annotated[str | None, Query(max_length=200)] = None,
     since: datetime | None = None, until: datetime | None = None,
 ) -> AuditPage:

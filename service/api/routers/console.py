@@ -19,7 +19,7 @@ import inspect
 import re
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, get_args, get_type_hints
+from typing import Annotated, Any, get_args
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request, Response
@@ -58,18 +58,6 @@ PAIR_SEPARATOR = " => "  # a forget/retain line "prompt => answer" is a question
 REFRESH_SECONDS = 3  # pages with a running job reload themselves (a meta refresh: the console has no script)
 
 templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
-
-# the v1 routes' query parameter types, bounds included: the console pages paginate exactly like the API
-_REQUEST_QUERY = get_type_hints(requests_api.list_deletion_requests, include_extras=True)
-_AUDIT_QUERY = get_type_hints(audit_api.list_audit_events, include_extras=True)
-RequestsOffset = _REQUEST_QUERY["offset"]
-RequestsLimit = _REQUEST_QUERY["limit"]
-AuditCursor = _AUDIT_QUERY["cursor"]
-AuditLimit = _AUDIT_QUERY["limit"]
-AuditType = _AUDIT_QUERY["type"]
-AuditRequestId = _AUDIT_QUERY["request_id"]
-VersionPath = Annotated[int, inspect.signature(versions_api.activate_model_version).parameters["version"].default]
-
 
 class SignInRequired(Exception):
     """No cookie, or its key is unknown or revoked: answer with a redirect to the sign-in page."""
@@ -232,7 +220,7 @@ def sign_out(principal: CsrfDep) -> Response:
 @router.get("")
 def request_list(
     request: Request, session: SessionDep, settings: SettingsDep, principal: Reader,
-    offset: RequestsOffset = 0, limit: RequestsLimit = 50,
+    offset: requests_api.PageOffset = 0, limit: requests_api.PageLimit = 50,
 ) -> Response:
     page = requests_api.list_deletion_requests(
         session, settings, principal, status=None, subject_ref=None, since=None, until=None, offset=offset, limit=limit
@@ -344,8 +332,8 @@ def request_detail(request: Request, request_id: str, session: SessionDep, princ
 @router.get("/audit")
 def audit_page(
     request: Request, session: SessionDep, settings: SettingsDep, principal: Auditor,
-    cursor: AuditCursor = 0, limit: AuditLimit = 100, type: AuditType = None,  # noqa: A002
-    request_id: AuditRequestId = None,
+    cursor: audit_api.Cursor = 0, limit: audit_api.Limit = 100, type: audit_api.EventType = None,  # noqa: A002
+    request_id: audit_api.RequestId = None,
 ) -> Response:
     event_type, request_id = type or None, request_id or None  # an empty filter box means no filter
     page = audit_api.list_audit_events(session, principal, cursor=cursor, limit=limit, type=event_type,
@@ -374,7 +362,7 @@ def versions_page(request: Request, session: SessionDep, settings: SettingsDep, 
 
 
 @router.get("/versions/{version}/activate")
-def activate_confirm(request: Request, version: VersionPath, session: SessionDep, settings: SettingsDep,
+def activate_confirm(request: Request, version: versions_api.VersionNumber, session: SessionDep, settings: SettingsDep,
                      principal: Admin) -> Response:
     listing = versions_api.list_model_versions(session, settings, principal)
     if version not in {v.version for v in listing.data}:
@@ -385,6 +373,8 @@ def activate_confirm(request: Request, version: VersionPath, session: SessionDep
 
 
 @router.post("/versions/{version}/activate")
-def activate(version: VersionPath, session: SessionDep, settings: SettingsDep, principal: AdminPost) -> Response:
+def activate(
+    version: versions_api.VersionNumber, session: SessionDep, settings: SettingsDep, principal: AdminPost,
+) -> Response:
     versions_api.activate_model_version(version, session=session, settings=settings, principal=principal)
     return RedirectResponse("/console/versions", status_code=303)

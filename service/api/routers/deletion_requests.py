@@ -21,6 +21,10 @@ from service.domain.submission import DeletionRequestCreate
 log = structlog.get_logger("unlearn.api")
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion-requests"])
 
+# query parameter types, shared with the console's pages so both paginate within the same bounds
+PageOffset = Annotated[int, Query(ge=0, le=1_000_000)]
+PageLimit = Annotated[int, Query(ge=1, le=200)]
+
 
 @router.post("", status_code=202, response_model=DeletionRequestOut)
 def create_deletion_request(
@@ -46,7 +50,7 @@ def list_deletion_requests(
     session: SessionDep, settings: SettingsDep, principal: ReaderDep,
     status: JobStatus | None = None, subject_ref: Annotated[str | None, Query(max_length=200)] = None,
     since: datetime | None = None, until: datetime | None = None,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: PageOffset = 0, limit: PageLimit = 50,
 ) -> DeletionRequestPage:
     rows = deletion_requests.list_requests(
         session, tenant=principal.tenant_scope, status=status, subject_ref=subject_ref, since=since, until=until,

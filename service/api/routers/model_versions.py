@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Path
 
 from service.api.deps import AdminDep, SessionDep, SettingsDep
@@ -11,6 +13,8 @@ from service.domain.events import announce_version
 from service.domain.repositories import model_versions
 
 router = APIRouter(prefix="/v1/model-versions", tags=["model-versions"])
+
+VersionNumber = Annotated[int, Path(ge=0, le=10_000_000)]  # also the console's version pages
 
 
 def _base_version(settings, active: int) -> ModelVersionOut:
@@ -37,7 +41,7 @@ def list_model_versions(session: SessionDep, settings: SettingsDep, principal: A
 
 @router.post("/{version}/activate", response_model=ModelVersionList)
 def activate_model_version(
-    version: int = Path(ge=0, le=10_000_000), *, session: SessionDep, settings: SettingsDep, principal: AdminDep,
+    version: VersionNumber, session: SessionDep, settings: SettingsDep, principal: AdminDep,
 ) -> ModelVersionList:
     """Serve another version (rollback or roll forward); new requests are then fused onto it, so a rollback
     sticks (a new request's version has `parent_version` = the active one and never brings back what the
