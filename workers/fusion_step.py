@@ -132,7 +132,7 @@ def _publish(ctx: WorkerContext, job: FusionJob, candidate: Candidate, trained: 
 
     own_terms = save_safetensors_bytes(state_to_tensors(contribution(trained.grams, trained.maps, job.request_id),
                                                         torch.float32))
-    baseline = {"before": candidate.metrics["before"]["forget"], "thresholds": candidate.verdict["thresholds"]}
+    baseline = {"before": candidate.metrics["base"]["forget"], "thresholds": candidate.verdict["thresholds"]}
 
     def seal_probes(session: Session) -> None:
         probes.seal(session, ctx.settings, job.request_id, job.tenant, job.forget_rows, baseline, own_terms)

@@ -1,7 +1,7 @@
 """Task glue for verification: metrics before (the parent version) vs after (the new fused version) on the
 request's forget and retain items, its neighbour probe set and the built-in general set, then the
-thresholded verdict; the forget checks on the new version as its quantized export holds it; and every
-earlier request of the lineage re-checked on the new version."""
+thresholded verdict (its forget checks against the base model); the forget checks on the new version as
+its quantized export holds it; and every earlier request of the lineage re-checked on the new version."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def verify(
 
     neighbours: the request's neighbour probe set (None: no neighbour check). lineage: the earlier requests
     the new version carries (their sealed probes, service/domain/probes.py); one that came back fails it."""
-    from workers.engine.verify import evaluate, general_set, judge, relearn_probe
+    from workers.engine.verify import evaluate, evaluate_forget, general_set, judge, relearn_probe
     from workers.engine.versions import build_serving_model
 
     base = ctx.base
@@ -61,13 +61,17 @@ def verify(
     after_model = build_serving_model(base.model, layer_cfg, fused_maps)
     after = evaluate(after_model, base.tokenizer, forget, retain, general, holdout, reference_model=base.model,
                      neighbours=neighbours)
-    metrics: dict[str, Any] = {"before": before, "after": after}
+    # the forget checks measure against the base model, not the parent version: earlier requests can have
+    # moved this request's items on the parent already (crosstalk), and a request's evidence must not
+    # depend on what happened to be fused before it. The sealed probe keeps this baseline for re-checks.
+    base_forget = before["forget"] if parent_maps is None else evaluate_forget(base.model, base.tokenizer, forget)
+    metrics: dict[str, Any] = {"before": before, "after": after, "base": {"forget": base_forget}}
     if params.get("relearn_check"):
         metrics["relearn"] = relearn_probe(after_model, base.tokenizer, None, forget)
     thresholds = operator_thresholds(ctx.settings).bounded(params.get("thresholds"))
-    verdict = judge(before, after, thresholds).to_dict()
+    verdict = judge({**before, "forget": base_forget}, after, thresholds).to_dict()
     if ctx.settings.quantized_check != "off":
-        verdict = check_quantized(ctx.settings, after_model, base.tokenizer, forget, before["forget"],
+        verdict = check_quantized(ctx.settings, after_model, base.tokenizer, forget, base_forget,
                                   thresholds, metrics, verdict)
     return _with_rechecks(after_model, base.tokenizer, lineage, metrics, verdict)
 
@@ -137,8 +141,8 @@ def _with_rechecks(model: nn.Module, tokenizer: Any, lineage: Lineage | None, me
 
 
 def reverify(model: nn.Module, tokenizer: Any, probe: OpenedProbe) -> dict[str, Any]:
-    """An earlier request's forget checks on `model`, against what it was accepted on: its own forget metrics
-    before unlearning and its own thresholds (the NLL ratio and ROUGE-L checks of the verdict)."""
+    """An earlier request's forget checks on `model`, against what it was accepted on: its forget metrics on
+    the base model and its own thresholds (the NLL ratio and ROUGE-L checks of the verdict)."""
     from workers.engine.data import parse_examples
     from workers.engine.verify import Thresholds, evaluate_forget, judge
 

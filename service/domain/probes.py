@@ -5,7 +5,7 @@ payload: encrypted with AES-256-GCM under a key made for that request alone (the
 associated data, so a ciphertext cannot be passed off as another request's). The ciphertext goes to the
 `request_probes` table; the key to a 0600 file under <data_dir>/keys/probes/, never into the database, so
 a database dump or backup holds no readable forget text. The row also keeps, as plain numbers, what the
-request was accepted on: its forget metrics before unlearning and the verdict thresholds.
+request was accepted on: its forget metrics on the base model and the verdict thresholds.
 
 Publishing a new version opens the probes of every request in its lineage and checks each against the
 candidate model (workers/verification.py `reverify`); a request that came back keeps the version from
@@ -48,7 +48,7 @@ class OpenedProbe:
     request_id: str
     tenant: str
     items: list[dict[str, Any]]  # the forget rows as submitted ({text} or {prompt, answer})
-    baseline: dict[str, Any]  # {"before": forget metrics before its unlearning, "thresholds": its verdict's}
+    baseline: dict[str, Any]  # {"before": forget metrics on the base model, "thresholds": its verdict's}
 
 
 @dataclass(frozen=True)
