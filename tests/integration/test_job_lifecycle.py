@@ -292,6 +292,9 @@ def test_later_versions_answer_for_earlier_requests_and_a_withdrawal_takes_one_o
     assert job["metrics"]["earlier_requests"] == {"checked": 1, "came_back": 0, "not_reverifiable": 0}
     assert job["verdict"]["checks"]["earlier_requests_came_back"] == {"value": 0, "limit": 0, "ok": True}
     assert first["id"] not in json.dumps(job)  # another tenant's request is counted, never named
+    # its own forget check compares with the base model, not with version 1 (which the first request shaped)
+    ratio = job["metrics"]["after"]["forget"]["nll"] / job["metrics"]["base"]["forget"]["nll"]
+    assert job["verdict"]["checks"]["forget_nll_ratio"]["value"] == pytest.approx(ratio)
     trail = api.get("/v1/audit", params={"type": "request.reverified"}, headers=make_key(role="auditor")).json()
     [event] = trail["data"]  # in the first request's own tenant: its evidence that version 2 still forgets it
     assert event["request_id"] == first["id"] and event["payload"]["version"] == 2
