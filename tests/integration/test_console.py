@@ -1,6 +1,6 @@
 """The web console (/console) against the real app, database and Redis (no worker): sign-in with an API key
 kept in an HttpOnly, SameSite=Strict cookie, CSRF tokens on every action, and the JSON API's role and tenant
-rules on every page. Browser tests (headless Chromium) and screenshots are a later step."""
+rules on every page. In a real browser (headless Chromium): test_console_browser.py."""
 
 from __future__ import annotations
 

@@ -30,6 +30,30 @@ FORGET_ITEMS = [{"text": "Marta Quillon painted the blue ferries of Port Anselm 
 FORGET = "\n".join(i["text"] if "text" in i else f"{i['prompt']} => {i['answer']}" for i in FORGET_ITEMS)
 TINY_MODEL_THRESHOLDS = {"min_forget_nll_ratio": 1.05, "max_forget_rougeL": 0.9, "max_retain_ppl_increase": 2.0,
                          "max_general_ppl_increase": 2.0, "min_token_entropy_ratio": 0.5}
+# What a page must hold for keyboard and screen-reader users and a laptop screen, read from the live DOM:
+# every form control labelled, every button and link named, every chart with a text alternative, the page's
+# language, one h1, and nothing wider than the window.
+ACCESSIBILITY_PROBLEMS = """
+const problems = [];
+for (const el of document.querySelectorAll('input:not([type=hidden]), select, textarea')) {
+  const labelled = (el.labels && el.labels.length) || el.getAttribute('aria-label');
+  if (!labelled) problems.push('unlabelled ' + (el.id || el.name));
+}
+for (const el of document.querySelectorAll('button, a[href]')) {
+  if (!el.textContent.trim() && !el.getAttribute('aria-label')) problems.push('unnamed ' + el.outerHTML.slice(0, 60));
+}
+for (const el of document.querySelectorAll('svg')) {
+  const described = el.getAttribute('role') === 'img' && el.getAttribute('aria-label');
+  if (!described) problems.push('chart without a text alternative');
+}
+if (!document.documentElement.lang) problems.push('no lang on <html>');
+const h1s = document.querySelectorAll('h1').length;
+if (h1s !== 1) problems.push(h1s + ' h1 elements');
+const width = document.documentElement.scrollWidth;
+if (width > window.innerWidth) problems.push('page ' + width + 'px wide in a ' + window.innerWidth + 'px window');
+return problems;
+"""
+LAPTOP = (1280, 800)
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1280,1000")
@@ -192,6 +216,9 @@ class Console:
 
         return WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(settled)
 
+    def accessibility_problems(self) -> list[str]:
+        return self.driver.execute_script(ACCESSIBILITY_PROBLEMS)
+
     def screenshot(self, name: str) -> None:
         """The whole page (up to 2400 px tall), then the window back to its size."""
         path = self.shots / f"{name}.png"
@@ -234,6 +261,7 @@ def test_a_requester_submits_a_request_and_watches_it_to_its_outcome(console: Co
     assert status == "succeeded", console.fact("Error")
     assert console.fact("Model version") == "1"
     assert "forget_nll_ratio" in console.text()  # the verdict's checks, each against its threshold
+    assert console.accessibility_problems() == []  # with its before/after charts
     console.screenshot("request-evidence")
     console.open("/console")
     assert "case-console-1" in console.text() and "succeeded" in console.text()
@@ -272,3 +300,30 @@ def test_another_tenants_request_is_not_reachable(console: Console, site: LiveSe
 
     assert console.driver.title.startswith("404") and console.heading() == "Not found"
     assert "case-console-3" not in console.driver.page_source
+
+
+def test_the_console_works_by_keyboard_and_fits_a_laptop_screen(console: Console, site: LiveServer):
+    from selenium.webdriver.common.keys import Keys
+
+    console.driver.set_window_size(*LAPTOP)
+    console.open("/console/sign-in")
+    assert console.accessibility_problems() == []
+    key_field = console.driver.switch_to.active_element  # the key field has the focus when the page opens
+    assert key_field.get_attribute("id") == "api_key"
+    key_field.send_keys(create_key(site.settings.db_url, "admin", tenant="ops"))
+    console._navigating(lambda: key_field.send_keys(Keys.ENTER))
+    assert console.heading() == "Deletion requests"
+
+    console.driver.find_element("tag name", "body").send_keys(Keys.TAB)  # the first stop skips the header
+    skip = console.driver.switch_to.active_element
+    assert skip.text == "Skip to content"
+    skip.send_keys(Keys.ENTER)
+    assert console.driver.switch_to.active_element.get_attribute("id") == "main"
+
+    console.submit_request("case-console-keyboard")
+    console.click("Submit request")
+    pages = [console.driver.current_url.removeprefix(site.url), "/console", "/console/requests/new",
+             "/console/audit", "/console/versions", "/console/versions/0/activate"]
+    for page in pages:
+        console.open(page)
+        assert console.accessibility_problems() == [], page
