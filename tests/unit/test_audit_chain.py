@@ -489,3 +489,16 @@ def test_redacted_v1_rows_are_taken_on_trust_and_reported(signing_key, tmp_path)
     path = _tenant_export(tmp_path / "acme.jsonl", events, signing_key, "acme")
     result = verify_export(path, public_key_b64=public_key_b64(signing_key))
     assert result.valid and result.redacted == 3 and result.unproven_through == 4
+
+
+def test_a_full_row_cannot_claim_to_be_redacted_in_an_export_file(signing_key, tmp_path):
+    events = build_chain(3)
+    path = tmp_path / "audit.jsonl"
+    _write(path, events, [sign_head(signing_key, 3, events[2]["row_hash"])], signing_key)
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[2])
+    edited["payload"]["step"], edited["redacted"] = 99, True  # an edit dressed up as a row taken on trust
+    lines[2] = json.dumps(edited)
+    path.write_text("\n".join(lines) + "\n")
+    result = verify_export(path)
+    assert not result.valid and result.first_bad_seq == 2

@@ -122,8 +122,8 @@ def read_export(path: str | Path) -> AuditExport:
                 export = AuditExport(header=obj)
             elif kind == "header":
                 raise ExportFormatError(f"line {number}: a second header")
-            elif kind == "event":
-                export.events.append(obj)
+            elif kind == "event":  # a full row is never read as a redacted one, whatever keys it carries
+                export.events.append({k: v for k, v in obj.items() if k != "redacted"})
             elif kind == "redacted":
                 export.events.append({**obj, "redacted": True})
             else:
