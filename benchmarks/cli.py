@@ -152,9 +152,10 @@ def memorization(
 @bench_app.command("selectivity")
 def selectivity(
     subjects: Annotated[int, typer.Option(help="how many of the built-in subjects (people and places)")] = 6,
-    arms: Annotated[str, typer.Option(help="comma list of method:retain[:layer] (retain: generic | neighbourhood; "
-                                            "layer: bottleneck (default) | linear | lora)")]
-    = "eul:generic,eul:neighbourhood",
+    arms: Annotated[str, typer.Option(help="comma list of method:retain[:layer[:scope]] (retain: generic | "
+                                            "neighbourhood; layer: bottleneck (default) | linear | lora | gated; "
+                                            "scope: sequence (default) | all)")]
+    = "eul:neighbourhood,eul:neighbourhood:bottleneck:all",
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,
     quantized: Annotated[str, typer.Option(help="comma list of q8_0 | q4_0 | q4_1: also check each version "

@@ -37,7 +37,7 @@ class SelectivityOptions:
     model: str
     cache_dir: Path
     subjects: int = len(SUBJECTS)
-    arms: tuple[str, ...] = ("eul:generic", "eul:neighbourhood")  # method:retain[:layer kind]
+    arms: tuple[str, ...] = ("eul:generic", "eul:neighbourhood")  # method:retain[:layer kind[:scope]]
     steps: int = 40
     device: str = "cpu"
     max_new_tokens: int = 48
@@ -120,7 +120,7 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
                 base.model, base, opts, questions, references, forget, before_forget)})
         for arm in opts.arms:
             method, retain_kind, *layer = arm.split(":")
-            layer_cfg = LayerConfig(kind=layer[0]) if layer else LayerConfig()
+            layer_cfg = LayerConfig(**dict(zip(("kind", "scope"), layer)))
             bar.update(task, info=f"{name} {arm}")
             neighbours = neighbourhood.train if retain_kind == "neighbourhood" else ()
             retain = build_retain(None, None, base.model, base.tokenizer, cache, model_key=base.source_sha256,

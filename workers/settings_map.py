@@ -9,7 +9,7 @@ from workers.engine.config import FusionConfig, LayerConfig, TrainConfig
 
 
 def layer_config(settings: Settings, params: dict[str, Any]) -> LayerConfig:
-    return LayerConfig(kind=params.get("layer") or settings.layer)
+    return LayerConfig(kind=params.get("layer") or settings.layer, scope=settings.layer_scope)
 
 
 def train_config(settings: Settings, method: str, params: dict[str, Any]) -> TrainConfig:

@@ -45,6 +45,7 @@ def verify(
 
     neighbours: the request's neighbour probe set (None: no neighbour check). lineage: the earlier requests
     the new version carries (their sealed probes, service/domain/probes.py); one that came back fails it."""
+    from workers.engine.layers.scope import scope_evidence
     from workers.engine.verify import evaluate, evaluate_forget, general_set, judge, relearn_probe
     from workers.engine.versions import build_serving_model
 
@@ -65,7 +66,9 @@ def verify(
     # moved this request's items on the parent already (crosstalk), and a request's evidence must not
     # depend on what happened to be fused before it. The sealed probe keeps this baseline for re-checks.
     base_forget = before["forget"] if parent_maps is None else evaluate_forget(base.model, base.tokenizer, forget)
-    metrics: dict[str, Any] = {"before": before, "after": after, "base": {"forget": base_forget}}
+    metrics: dict[str, Any] = {"before": before, "after": after, "base": {"forget": base_forget},
+                               "scope": scope_evidence(after_model, base.tokenizer,
+                                                       {"forget": forget, "neighbours": neighbours or []})}
     if params.get("relearn_check"):
         metrics["relearn"] = relearn_probe(after_model, base.tokenizer, None, forget)
     thresholds = operator_thresholds(ctx.settings).bounded(params.get("thresholds"))

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.domain.rates import parse_rate
-from workers.engine.config import LAYER_KINDS, METHODS, QUANT_TYPES
+from workers.engine.config import LAYER_KINDS, LAYER_SCOPES, METHODS, QUANT_TYPES
 
 
 class Settings(BaseSettings):
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # unlearning defaults (a request may override within the bounds in schemas)
     method: Literal[METHODS] = "eul"
     layer: Literal[LAYER_KINDS] = "bottleneck"
+    # "sequence": a version's layer acts only on the sequences its requests' recognisers know (the request's
+    # subject), every other sequence is answered by the base model (layers/scope.py); "all": on every sequence.
+    layer_scope: Literal[LAYER_SCOPES] = "sequence"
     train_steps: int = Field(40, ge=1, le=5000)
     # Before training, a job checks whether the active model reproduces the forget items at all; if none is
     # memorised it ends succeeded / not_memorized with that evidence and no new version. True: train anyway.

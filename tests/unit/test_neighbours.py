@@ -14,6 +14,7 @@ from workers.engine.neighbours import (
     builtin,
     fill,
     find_subject,
+    other_subject_prompts,
     plan_neighbourhood,
     request_templates,
     subject_kind,
@@ -40,6 +41,23 @@ def names_in(questions) -> set[str]:
 def test_the_subject_is_the_name_the_items_share():
     assert find_subject(CURIE) == "Marie Curie"
     assert find_subject(LOCKER) == "Orla Fenwick"
+
+
+def test_a_place_the_answers_name_is_not_the_subject_the_questions_ask_about():
+    shakespeare = [
+        Example(prompt="Who was William Shakespeare?", answer="An English playwright who worked in London."),
+        Example(prompt="Where was William Shakespeare born?", answer="In Stratford-upon-Avon, near London."),
+    ]
+    assert "London" in builtin()["place"] and find_subject(shakespeare) == "William Shakespeare"
+
+
+def test_the_requests_questions_about_other_subjects_are_negatives_for_its_recogniser():
+    prompts = other_subject_prompts(CURIE, per_shape=2)
+    assert len(prompts) == 6 and not any("Curie" in q for q in prompts)
+    assert prompts[0].startswith("Where was ") and prompts[0].endswith(" born?")
+    probe_people = set(plan_neighbourhood(CURIE).probe_questions)
+    assert names_in(prompts) and not names_in(prompts) & names_in(probe_people)  # the probe pool stays unseen
+    assert other_subject_prompts([Example(text="the vault code is 4471.")]) == []
 
 
 def test_no_shared_name_means_no_subject():

@@ -10,6 +10,7 @@ import torch
 from workers.engine.config import FusionConfig, LayerConfig, TrainConfig
 from workers.engine.data import Example
 from workers.engine.layers import create_attached
+from workers.engine.layers.scope import split_scope
 from workers.engine.loading import LoadedModel
 from workers.engine.retain import (
     CONTINUATION_TOKENS,
@@ -73,12 +74,15 @@ def test_cancelled_training_leaves_the_base_clean(probe):
 
 
 @pytest.mark.parametrize("layer", [BOTTLENECK, LORA], ids=["bottleneck", "lora"])
-def test_fused_served_model_changes_outputs_and_detaches_to_the_exact_base(layer, probe):
+def test_fused_served_model_changes_outputs_and_detaches_to_the_exact_base(layer):
+    probe = tiny_tokenizer()([FORGET[1].text, "Hi there"], return_tensors="pt", padding=True)  # a forget item
     base = tiny_base()
     reference = logits(base, probe)
     trained = train_request(base, FORGET, RETAIN, layer, TRAIN)
     state, fused = fuse(None, trained, "req-1", FusionConfig())
-    assert state.request_ids == ["req-1"] and set(fused) == set(trained.maps)
+    maps, recognisers = split_scope(fused)
+    assert state.request_ids == ["req-1"] and set(maps) == set(trained.maps)
+    assert (recognisers is not None) == (layer.kind == "bottleneck")  # LoRA is merged: it acts on every sequence
     served = served_model(base, layer, fused)
     assert not torch.allclose(logits(base, probe), reference)
     with served.disabled():
@@ -94,7 +98,7 @@ def test_single_request_fusion_reproduces_the_trained_layer(probe):
     _, fused = fuse(None, trained, "req-1", FusionConfig(ridge=1e-6))
     served = served_model(base, BOTTLENECK, trained.maps)
     as_trained = logits(base, probe)
-    served.load_map_weights(fused)
+    served.load_map_weights(split_scope(fused)[0])
     as_fused = logits(base, probe)
     served.detach()
     assert torch.allclose(as_fused, as_trained, atol=1e-2)
@@ -219,7 +223,7 @@ def test_a_gated_layer_fuses_its_gates_on_the_retain_inputs_too():
     """A gate must stay shut on the retain side after fusion, so its Gram holds the retain rows as well as the
     forget ones (the other maps': forget rows only)."""
     base = tiny_base()
-    gated = LayerConfig(kind="gated", bottleneck_dim=8)
+    gated = LayerConfig(kind="gated", bottleneck_dim=8, scope="all")  # the gates alone, no recogniser
     trained = train_request(base, FORGET, RETAIN, gated, TRAIN)
     forget_only = train_request(base, FORGET, FORGET, gated, TRAIN)  # the same forget rows, retain = forget
     gate, down = "blocks.0.gate", "blocks.0.down"

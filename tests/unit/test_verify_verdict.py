@@ -103,15 +103,15 @@ GOOD_AFTER = metrics(forget_nll=5.0, forget_rouge=0.1)
 def test_neighbours_that_keep_their_answers_pass_the_neighbour_check():
     verdict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.76))
     assert verdict.passed
-    assert verdict.checks["neighbour_rougeL_drop"] == {"value": pytest.approx(0.05), "limit": 0.4, "ok": True}
+    assert verdict.checks["neighbour_rougeL_drop"] == {"value": pytest.approx(0.05), "limit": 0.1, "ok": True}
 
 
 def test_a_neighbour_drop_past_the_threshold_fails_with_its_reason():
-    verdict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.4))
+    verdict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.6))
     assert not verdict.passed
-    assert verdict.reasons == ["neighbour_rougeL_drop = 0.5, required <= 0.4"]
-    strict = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.6), Thresholds(max_neighbour_drop=0.1))
-    assert strict.reasons == ["neighbour_rougeL_drop = 0.25, required <= 0.1"]
+    assert verdict.reasons == ["neighbour_rougeL_drop = 0.25, required <= 0.1"]
+    looser = judge(with_neighbours(BEFORE, 0.8), with_neighbours(GOOD_AFTER, 0.6), Thresholds(max_neighbour_drop=0.3))
+    assert looser.passed
 
 
 def test_no_neighbour_probe_set_skips_the_neighbour_check():

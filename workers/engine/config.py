@@ -9,6 +9,8 @@ from typing import Any, Literal
 METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo")
 LAYER_KINDS = ("bottleneck", "lora", "linear", "gated")
 LayerKind = Literal[LAYER_KINDS]
+LAYER_SCOPES = ("sequence", "all")  # where a layer acts: sequences its requests' recognisers know, or all
+LayerScope = Literal[LAYER_SCOPES]
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1")  # GGML block quantizations that the export writes (quantized.py)
 
 
@@ -20,6 +22,9 @@ class LayerConfig:
     lora: peft LoRA on the feed-forward input projections, fused and merged into the base.
     linear: the bottleneck with the identity activation, merged into each FFN output projection.
     gated: the bottleneck behind a learned gate that opens on the request's data (GRUN; layers/gated.py).
+
+    scope "sequence": the layer acts only on sequences whose prompt a recogniser fitted per request knows
+    (layers/scope.py; bottleneck, linear and gated kinds); "all": on every sequence (LoRA always).
     """
 
     kind: LayerKind = "bottleneck"
@@ -27,6 +32,14 @@ class LayerConfig:
     activation: str = "gelu"
     lora_rank: int = 8
     lora_alpha: int = 16
+    scope: LayerScope = "sequence"
+    scope_block: int = 2  # the recognisers read this FFN block's input (the last block on shallower models)
+
+    def __post_init__(self) -> None:
+        if self.scope not in LAYER_SCOPES:
+            raise ValueError(f"layer scope {self.scope!r}: choose one of {list(LAYER_SCOPES)}")
+        if self.scope_block < 0:
+            raise ValueError(f"scope_block {self.scope_block}: must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -49,6 +49,9 @@ class DecodeBatch:
     `lock` is held for each forward pass (serving: one pass at a time per process). A model that returns no
     KV cache, or one whose cache is not a plain per-layer (B, H, T, D) cache, is fed the whole sequence at
     every step instead: slower, same tokens.
+
+    A model whose unlearning layer acts per sequence (layers/scope.py, `model.unlearn_scope`) has each new
+    row's prompt decided once, when it joins, and that decision pinned for every forward of the row.
     """
 
     def __init__(self, model: nn.Module, pad_id: int = 0, lock: AbstractContextManager | None = None) -> None:
@@ -59,6 +62,8 @@ class DecodeBatch:
         self.ids = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T)
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T) 1 = real token
         self.cache: Any = None  # the model's KV cache of all rows, or None (fed whole sequences)
+        self.scope = getattr(model, "unlearn_scope", None)  # layers/scope.SequenceScope, or None
+        self.row_scale = torch.zeros(0, device=self.device)  # (B,) each row's scope decision (1 = layer on)
 
     @property
     def rows(self) -> int:
@@ -73,9 +78,11 @@ class DecodeBatch:
                            dtype=torch.long, device=self.device)  # (k, W)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                             dtype=torch.long, device=self.device)  # (k, W)
-        logits, cache = self._forward(ids, mask, None)
+        scale = self._decide(ids, mask)  # (k,)
+        logits, cache = self._forward(ids, mask, None, scale)
         if self.rows and (self.cache is None) != (cache is None):
             raise RuntimeError("the model returned a KV cache for some passes and not for others")
+        self.row_scale = torch.cat([self.row_scale, scale])
         if self.rows == 0:
             self.ids, self.mask, self.cache = ids, mask, cache
             return logits
@@ -96,7 +103,7 @@ class DecodeBatch:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
         fed = self.ids if self.cache is None else tokens[:, None]
-        logits, self.cache = self._forward(fed, self.mask, self.cache)
+        logits, self.cache = self._forward(fed, self.mask, self.cache, self.row_scale)
         return logits
 
     def keep(self, rows: Sequence[int]) -> None:
@@ -104,7 +111,7 @@ class DecodeBatch:
         import torch
 
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        self.ids, self.mask = self.ids[index], self.mask[index]
+        self.ids, self.mask, self.row_scale = self.ids[index], self.mask[index], self.row_scale[index]
         real = self.mask.any(dim=0).nonzero()
         first = int(real[0]) if len(real) else self.mask.shape[1]
         self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
@@ -115,14 +122,21 @@ class DecodeBatch:
             for layer in _cache_layers(self.cache):
                 layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
 
-    def _forward(self, fed: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
+    def _decide(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Each new row's scope decision (k,): 1 where the layer acts on it; all 1 without a scope."""
+        if self.scope is None:
+            return mask.new_ones(mask.shape[0], dtype=self.row_scale.dtype)
+        with self.lock:
+            return self.scope.decide(ids, mask)
+
+    def _forward(self, fed: Tensor, mask: Tensor, cache: Any, scale: Tensor) -> tuple[Tensor, Any]:
         inputs = {"input_ids": fed, "past_key_values": cache, "use_cache": True}
         if _takes_logits_to_keep(type(self.model)):  # a prefill needs one position's logits, not (B, T, V)
             inputs["logits_to_keep"] = 1
         if not bool(mask.all()):
             positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): pads sit at 0, masked anyway
             inputs |= {"attention_mask": mask, "position_ids": positions[:, -fed.shape[1]:]}
-        with self.lock:
+        with self.lock, (nullcontext() if self.scope is None else self.scope.rows(scale)):
             out = self.model(**inputs)
         cache = getattr(out, "past_key_values", None)
         if cache is not None and _cache_layers(cache) is None:

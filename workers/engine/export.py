@@ -30,6 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from .layers import LAYERS, get_layer
+from .layers.scope import split_scope
 from .loading import LoadedModel
 from .quantized import ggml_type, write_gguf
 from .store import ModelStore
@@ -58,7 +59,9 @@ def export_hf(
     """Write a standard HF model dir at out_dir (must not exist or be empty), atomically; with `gguf`, a
     quantized GGUF file in it instead.
 
-    fused_maps None = the base model itself (version 0). `info` goes to unlearn_export.json beside it.
+    fused_maps None = the base model itself (version 0). `info` goes to unlearn_export.json beside it. A
+    version's recognisers (layers/scope.py) have no place in a stock checkpoint: the export's layer acts on
+    every sequence (it forgets as the service does, and is less selective), and unlearn_export.json says so.
     """
     out_dir = Path(out_dir)
     layer = None if fused_maps is None else get_layer(layer_kind)
@@ -69,7 +72,8 @@ def export_hf(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if gguf is not None:
         ggml_type(gguf)  # an unknown quantization fails before any work
-    model = base.model if layer is None else layer.merged_copy(base.model, fused_maps)
+    maps, recognisers = split_scope(fused_maps or {})
+    model = base.model if layer is None else layer.merged_copy(base.model, maps)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         if gguf is None:
@@ -79,6 +83,8 @@ def export_hf(
             write_gguf(model, base.tokenizer, tmp / gguf_file_name(gguf), gguf, name=f"{base.name} (unlearn)")
         record = {"base_model": {"name": base.name, "sha256": base.source_sha256}, **(info or {}),
                   "format": gguf or "safetensors"}
+        if recognisers is not None:  # a stock checkpoint cannot recognise sequences: its layer acts on all
+            record["scope"] = "all: the service applies this layer only to the sequences its recognisers know"
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2, sort_keys=True))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)

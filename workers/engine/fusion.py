@@ -13,6 +13,9 @@ lambda = ridge * mean(diag(sum_i G_i)) (FusionConfig): relative to the activatio
 Only the running sums sum G_i and sum G_i W_i are kept (FusionState), so fusing request N+1 costs the
 same as fusing request 2, and no earlier request's data is needed (their raw payload is deleted).
 Withdrawing request k subtracts its own terms (`contribution`, kept sealed by the service) and solves again.
+
+A request's recogniser (layers/scope.py: which sequences the layer acts on) is not regressed: the state keeps
+one per request, and the fused maps carry them all (SCOPE_KEY) when every fused request has one.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from torch import Tensor, nn
 
 from .config import FusionConfig
 from .layers.base import AttachedLayerProtocol, model_device
+from .layers.scope import SCOPE_KEY
 
 META_KEY = "__meta__"  # uint8 JSON tensor: request ids and gram sharing survive any tensor store
+RECOGNISER_PREFIX = "recogniser."
 
 
 @dataclass
@@ -40,6 +45,7 @@ class FusionState:
     gram_w_sum: dict[str, Tensor] = field(default_factory=dict)
     n_requests: int = 0
     request_ids: list[str] = field(default_factory=list)
+    recognisers: dict[str, Tensor] = field(default_factory=dict)  # request id -> (2d + 1,), those that have one
 
 
 class _GramAccumulator:
@@ -107,9 +113,10 @@ def _grams_by_map(linear_maps, weights, accumulators) -> dict[str, Tensor]:
 
 
 def accumulate(
-    state: FusionState | None, grams: dict[str, Tensor], maps: dict[str, Tensor], request_id: str
+    state: FusionState | None, grams: dict[str, Tensor], maps: dict[str, Tensor], request_id: str,
+    recogniser: Tensor | None = None,
 ) -> FusionState:
-    """New state with request `request_id` (its grams G_i and map weights W_i) added; input unchanged."""
+    """New state with request `request_id` (its grams G_i, map weights W_i, recogniser) added; input unchanged."""
     state = state or FusionState()
     if request_id in state.request_ids:
         raise ValueError(f"request {request_id!r} is already fused into this state")
@@ -129,7 +136,10 @@ def accumulate(
         gram_w = gram.double() @ maps[name].to(device=gram.device, dtype=torch.float64)  # (in', out)
         previous = state.gram_w_sum.get(name)
         gram_w_sum[name] = gram_w if previous is None else previous + gram_w
-    return FusionState(gram_sum, gram_w_sum, state.n_requests + 1, [*state.request_ids, request_id])
+    recognisers = dict(state.recognisers)
+    if recogniser is not None:
+        recognisers[request_id] = recogniser.detach().float().cpu()
+    return FusionState(gram_sum, gram_w_sum, state.n_requests + 1, [*state.request_ids, request_id], recognisers)
 
 
 def contribution(grams: dict[str, Tensor], maps: dict[str, Tensor], request_id: str) -> FusionState:
@@ -157,11 +167,13 @@ def remove(state: FusionState, part: FusionState) -> FusionState:
         gram_sum[name] = shared[key]
     gram_w_sum = {name: (gw.double() - part.gram_w_sum[name].double()) * keep
                   for name, gw in state.gram_w_sum.items()}
-    return FusionState(gram_sum, gram_w_sum, len(remaining), remaining)
+    recognisers = {r: t for r, t in state.recognisers.items() if r in remaining}
+    return FusionState(gram_sum, gram_w_sum, len(remaining), remaining, recognisers)
 
 
 def solve(state: FusionState, cfg: FusionConfig = FusionConfig()) -> dict[str, Tensor]:
-    """W* = (sum G_i + lambda I)^-1 sum G_i W_i per map, in float64 (Cholesky); returned as fp32.
+    """W* = (sum G_i + lambda I)^-1 sum G_i W_i per map, in float64 (Cholesky); returned as fp32, with the
+    requests' recognisers stacked in request order under SCOPE_KEY when every request has one.
 
     A state whose requests were all removed (withdrawn) solves to zero maps: a layer that changes nothing."""
     if state.n_requests == 0:
@@ -175,6 +187,8 @@ def solve(state: FusionState, cfg: FusionConfig = FusionConfig()) -> dict[str, T
             factors[id(gram)] = _regularised_cholesky(gram, cfg.ridge, name)
         weights = torch.cholesky_solve(state.gram_w_sum[name].double(), factors[id(gram)])
         fused[name] = weights.float()
+    if set(state.recognisers) == set(state.request_ids):
+        fused[SCOPE_KEY] = torch.stack([state.recognisers[r] for r in state.request_ids])  # (R, 2d + 1)
     return fused
 
 
@@ -194,15 +208,16 @@ def fuse_request(
     maps: dict[str, Tensor],
     request_id: str,
     cfg: FusionConfig = FusionConfig(),
+    recogniser: Tensor | None = None,
 ) -> tuple[FusionState, dict[str, Tensor]]:
     """accumulate + solve: the new running state and the fused map weights for the next version."""
-    new_state = accumulate(state, grams, maps, request_id)
+    new_state = accumulate(state, grams, maps, request_id, recogniser)
     return new_state, solve(new_state, cfg)
 
 
 def state_to_tensors(state: FusionState, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
     """Flat tensors for safetensors: "gram.{k}" (stored once even when shared), "gram_w.{name}",
-    and META_KEY (JSON: request ids, count, which gram each map uses)."""
+    "recogniser.{request id}", and META_KEY (JSON: request ids, count, which gram each map uses)."""
     tensors: dict[str, Tensor] = {}
     gram_keys: dict[int, str] = {}
     gram_of: dict[str, str] = {}
@@ -213,6 +228,8 @@ def state_to_tensors(state: FusionState, dtype: torch.dtype = torch.float64) -> 
         gram_of[name] = gram_keys[id(gram)]
     for name, gram_w in state.gram_w_sum.items():
         tensors[f"gram_w.{name}"] = gram_w.to(dtype).contiguous()
+    for request_id, recogniser in state.recognisers.items():
+        tensors[f"{RECOGNISER_PREFIX}{request_id}"] = recogniser.float().contiguous()
     meta = {"request_ids": state.request_ids, "n_requests": state.n_requests, "gram_of": gram_of}
     tensors[META_KEY] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     return tensors
@@ -224,7 +241,9 @@ def state_from_tensors(tensors: dict[str, Tensor]) -> FusionState:
     gram_sum = {name: grams[key] for name, key in meta["gram_of"].items()}
     gram_w_sum = {key.removeprefix("gram_w."): t.double() for key, t in tensors.items()
                   if key.startswith("gram_w.")}
-    return FusionState(gram_sum, gram_w_sum, int(meta["n_requests"]), list(meta["request_ids"]))
+    recognisers = {key.removeprefix(RECOGNISER_PREFIX): t.float() for key, t in tensors.items()
+                   if key.startswith(RECOGNISER_PREFIX)}
+    return FusionState(gram_sum, gram_w_sum, int(meta["n_requests"]), list(meta["request_ids"]), recognisers)
 
 
 def save_state(state: FusionState, path: Path) -> None:

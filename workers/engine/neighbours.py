@@ -90,23 +90,22 @@ def _texts(example: Example) -> tuple[str, str]:
 
 
 def find_subject(forget: Sequence[Example]) -> str | None:
-    """The name the items share: a built-in subject named in them, else the capitalised span found in
-    the most items (questions count double), ties to the longer. None when no span is in half the items."""
-    joined = " ".join(" ".join(_texts(e)) for e in forget)
-    for kind in KINDS:
-        for name in builtin()[kind]:
-            if re.search(rf"\b{re.escape(_bare(name))}\b", joined):
-                return _bare(name)
+    """The name the items share: of the built-in subjects and the capitalised spans named in them, the one
+    named in the most items (questions count double, so an answer about Shakespeare that names London does
+    not make London the subject), ties to a built-in name, then to the longer. None when the best is not in
+    half the items."""
     score: Counter[str] = Counter()
+    builtin_names = {_bare(name) for kind in KINDS for name in builtin()[kind]}
     for example in forget:
         question, answer = _texts(example)
         for weight, text in ((2, question), (1, answer)):
-            for span in {_strip_leading(s) for s in _NAME.findall(text)}:
-                if span:
-                    score[span] += weight
+            spans = {_strip_leading(s) for s in _NAME.findall(text)} | {
+                name for name in builtin_names if re.search(rf"\b{re.escape(name)}\b", text)}
+            for span in spans - {""}:
+                score[span] += weight
     if not score:
         return None
-    best = max(score, key=lambda s: (score[s], len(s)))
+    best = max(score, key=lambda s: (score[s], s in builtin_names, len(s)))
     return best if score[best] >= len(forget) else None
 
 
@@ -136,6 +135,22 @@ def request_templates(forget: Sequence[Example], subject: str | None, limit: int
         return []
     shapes = [_slot(e.prompt or "", subject) for e in forget if e.is_pair and subject in (e.prompt or "")]
     return list(dict.fromkeys(s for s in shapes if s.count("{}") == 1))[:limit]
+
+
+def other_subject_prompts(forget: Sequence[Example], per_shape: int = 8) -> list[str]:
+    """The request's own questions asked about other subjects of its kind (training pool only: the probe pool
+    stays unseen), `per_shape` subjects each: what a recogniser (layers/scope.py) must not take for the
+    subject, as only the name differs. Built in memory per request (they carry its wording), never cached."""
+    subject = find_subject(forget)
+    if subject is None:
+        return []
+    train_pool, _ = _pools(subject_kind(subject, forget), subject)
+    names = [name for _, name in _rotated(train_pool, subject)]
+    shapes = request_templates(forget, subject, limit=len(forget))
+    if not names:
+        return []
+    return [fill(shape, names[(i * per_shape + j) % len(names)]) for i, shape in enumerate(shapes)
+            for j in range(per_shape)]
 
 
 def _slot(prompt: str, subject: str) -> str:

@@ -22,14 +22,16 @@ from .batching import collate, encode, pad_id
 from .config import FusionConfig, LayerConfig, TrainConfig
 from .data import Example
 from .fusion import FusionState, collect_grams, fuse_request
-from .layers import AttachedLayerProtocol, attach_fused, create_attached
+from .layers import AttachedLayerProtocol, attach_fused, create_attached, get_layer
 from .layers.base import model_device
 from .layers.gated import is_gate_map
+from .layers.scope import fit_recogniser, scope_block
 from .loading import LoadedModel
+from .neighbours import other_subject_prompts
 from .objectives.base import token_nll
 from .trainer import Progress, train
 
-MAP_PREFIX, GRAM_PREFIX = "map.", "gram."
+MAP_PREFIX, GRAM_PREFIX, RECOGNISER_KEY = "map.", "gram.", "recogniser"
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainedLayer:
     grams: dict[str, Tensor]  # name -> Gram (in', in'), fp64, CPU (LoRA maps of one block share one)
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    recogniser: Tensor | None = None  # (2d + 1,) fp32: which sequences the layer acts on (layers/scope.py)
 
 
 def gram_batches(tokenizer, examples: Sequence[Example], cfg: TrainConfig) -> list[dict[str, Tensor]]:
@@ -77,8 +80,14 @@ def train_request(
 ) -> TrainedLayer:
     """Attach a fresh layer to base.model, train it, read out maps and forget-data Grams, detach.
 
-    The base model is clean (no layer attached) when this returns or raises (Cancelled included).
+    The base model is clean (no layer attached) when this returns or raises (Cancelled included). With
+    layer_cfg.scope "sequence" (a scopable kind), the request's recogniser is fitted first, on the base.
     """
+    recogniser = None  # without retain items nothing says what the layer must leave alone: it acts everywhere
+    if layer_cfg.scope == "sequence" and get_layer(layer_cfg.kind).scopable and retain:
+        recogniser = fit_recogniser(base.model, base.tokenizer, forget, retain,
+                                    scope_block(base.model, layer_cfg.scope_block), train_cfg.max_length,
+                                    other_prompts=other_subject_prompts(forget))
     attached = create_attached(base.model, layer_cfg, seed=train_cfg.seed)
     try:
         result = train(base.model, base.tokenizer, attached, forget, retain, train_cfg, on_progress, should_stop)
@@ -90,14 +99,15 @@ def train_request(
             grams |= {name: grams[name] + kept[name] for name in gates}
     finally:
         attached.detach()
-    return TrainedLayer(layer_cfg, train_cfg, maps, grams, result.losses, result.seconds)
+    return TrainedLayer(layer_cfg, train_cfg, maps, grams, result.losses, result.seconds, recogniser)
 
 
 def fuse(
     parent: FusionState | None, trained: TrainedLayer, request_id: str, cfg: FusionConfig | None = None
 ) -> tuple[FusionState, dict[str, Tensor]]:
-    """Add the request to the running sums and solve W* = (sum G_i + lambda I)^-1 sum G_i W_i."""
-    return fuse_request(parent, trained.grams, trained.maps, request_id, cfg or FusionConfig())
+    """Add the request to the running sums and solve W* = (sum G_i + lambda I)^-1 sum G_i W_i; its
+    recogniser joins the version's (fusion.solve)."""
+    return fuse_request(parent, trained.grams, trained.maps, request_id, cfg or FusionConfig(), trained.recogniser)
 
 
 def served_model(base: LoadedModel, layer_cfg: LayerConfig, fused_maps: dict[str, Tensor],
@@ -119,6 +129,8 @@ def trained_tensors(trained: TrainedLayer) -> tuple[dict[str, Tensor], dict[str,
             stored[id(gram)] = f"{GRAM_PREFIX}{name}"
             tensors[stored[id(gram)]] = gram.contiguous()
         gram_of[name] = stored[id(gram)]
+    if trained.recogniser is not None:
+        tensors[RECOGNISER_KEY] = trained.recogniser.contiguous()
     meta = {
         "layer_cfg": trained.layer_cfg.to_dict(),
         "train_cfg": trained.train_cfg.to_dict(),
@@ -140,4 +152,5 @@ def trained_from_tensors(tensors: dict[str, Tensor], meta: dict[str, Any]) -> Tr
         grams=grams,
         losses=[float(x) for x in meta.get("losses", [])],
         seconds=float(meta.get("seconds", 0.0)),
+        recogniser=tensors.get(RECOGNISER_KEY),
     )

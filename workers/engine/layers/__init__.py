@@ -16,6 +16,7 @@ from .bottleneck import BottleneckType
 from .gated import GatedType
 from .linear import LinearType
 from .lora import LoraType
+from .scope import scope_block, split_scope
 
 LAYERS: dict[str, LayerType] = {
     layer.kind: layer for layer in (BottleneckType(), LoraType(), LinearType(), GatedType())
@@ -43,11 +44,15 @@ def attach_fused(model: nn.Module, cfg: LayerConfig, fused_maps: dict[str, Tenso
     loaded with them: for LoRA the same function as merged, with one extra matmul per projection.
     """
     layer = get_layer(cfg.kind)
-    if merge and layer.mergeable:
-        return layer.merge(model, fused_maps)
+    maps, recognisers = split_scope(fused_maps)
+    scoped = recognisers is not None and cfg.scope == "sequence" and layer.scopable
+    if merge and layer.mergeable and not scoped:
+        return layer.merge(model, maps)
     attached = layer.attach(model, cfg, seed=0)
     try:
-        attached.load_map_weights(fused_maps)
+        attached.load_map_weights(maps)
+        if scoped:
+            attached.limit_to_sequences(recognisers, scope_block(model, cfg.scope_block))
     except Exception:
         attached.detach()
         raise

@@ -46,6 +46,7 @@ class LayerType(ABC):
 
     kind: ClassVar[str]
     mergeable: ClassVar[bool] = False
+    scopable: ClassVar[bool] = False  # its attached layer can act per sequence (limit_to_sequences, scope.py)
 
     @abstractmethod
     def attach(self, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> AttachedLayerProtocol:

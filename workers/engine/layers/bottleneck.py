@@ -29,6 +29,7 @@ from transformers.activations import ACT2FN
 from ..blocks import find_ffn_blocks
 from ..config import LayerConfig
 from .base import LayerType, claim_model, model_device, release_model
+from .scope import SequenceScope
 
 KIND = "bottleneck"
 
@@ -85,14 +86,22 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(self.gate.bias)
         self.gate_values: Tensor | None = None
 
-    def forward(self, hidden: Tensor, block_input: Tensor | None = None) -> Tensor:  # (B, T, d) -> (B, T, d)
+    def forward(self, hidden: Tensor, block_input: Tensor | None = None, row_scale: Tensor | None = None
+                ) -> Tensor:  # (B, T, d) -> (B, T, d)
         x = hidden.to(self.down.weight.dtype)
         branch = self.up(self.act(self.down(x)))  # (B, T, d)
         if self.gate is not None:
             u = x if block_input is None else block_input.to(x.dtype)
             self.gate_values = torch.sigmoid(self.gate(u))  # (B, T, 1)
             branch = self.gate_values * branch
-        return (x + branch).to(hidden.dtype)
+        return (x + scaled_rows(branch, row_scale)).to(hidden.dtype)
+
+
+def scaled_rows(branch: Tensor, row_scale: Tensor | None) -> Tensor:
+    """branch (B, T, d) with row b times row_scale[b] (layers/scope.py: 1 in scope, 0 not); None = all on."""
+    if row_scale is None:
+        return branch
+    return branch * row_scale.to(branch.dtype).view(-1, *([1] * (branch.dim() - 1)))
 
 
 class UnlearningLayer(nn.Module):
@@ -123,6 +132,8 @@ class AttachedLayer:
         claim_model(model, self)
         self.model, self.layer = model, layer
         self._enabled = True
+        self.row_scale: Tensor | None = None  # (B,) set per forward by a SequenceScope; None = every row
+        self.scope: SequenceScope | None = None
         self._folded: list[tuple[nn.Module, str, nn.Linear]] = []  # (block, attribute, original projection)
         self._handles: list[RemovableHandle | None] = [
             block.register_forward_hook(self._hook_for(adapter))
@@ -135,13 +146,22 @@ class AttachedLayer:
                 return None  # None keeps the block's own output
             block_input = args[0] if args and adapter.gate is not None else None
             if isinstance(output, tuple):  # MoE blocks also return router logits
-                return (adapter(output[0], block_input),) + output[1:]
-            return adapter(output, block_input)
+                return (adapter(output[0], block_input, self.row_scale),) + output[1:]
+            return adapter(output, block_input, self.row_scale)
 
         return hook
 
+    def limit_to_sequences(self, recognisers: Tensor, block: int) -> None:
+        """From now on, act only on the sequences the recognisers know (layers/scope.py)."""
+        if self.scope is not None:
+            raise RuntimeError("this layer already has a sequence scope")
+        self.scope = SequenceScope(self.model, self, recognisers, block)
+
     def detach(self) -> None:
         """Remove the hooks: the model computes exactly what the base computed before attach."""
+        if self.scope is not None:
+            self.scope.remove()
+            self.scope = None
         for handle in self._handles:
             if handle is not None:
                 handle.remove()
@@ -166,7 +186,7 @@ class AttachedLayer:
             with torch.no_grad():
                 with self.disabled():
                     expected = adapter(_first(block(x)))
-                setattr(block, name, FoldedProjection(projection, adapter))
+                setattr(block, name, FoldedProjection(projection, adapter, self))
                 self._handles[i].remove()
                 self._handles[i] = None
                 if torch.allclose(_first(block(x)), expected, rtol=1e-4, atol=1e-5):
@@ -260,8 +280,9 @@ class FoldedProjection(nn.Module):
     so the original projection and adapter are untouched.
     """
 
-    def __init__(self, projection: nn.Linear, adapter: Bottleneck) -> None:
+    def __init__(self, projection: nn.Linear, adapter: Bottleneck, owner: AttachedLayer) -> None:
         super().__init__()
+        self._owner = [owner]  # its row_scale (a list: not a submodule, not in any state_dict)
         with torch.no_grad():
             weight, down = projection.weight.float(), adapter.down.weight.float()  # (d, in), (r, d)
             bias = projection.bias.float() if projection.bias is not None else weight.new_zeros(weight.shape[0])
@@ -273,7 +294,8 @@ class FoldedProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, in) -> (B, T, d)
         h, z = nn.functional.linear(x, self.weight, self.bias).split([self.out_features, self.up_weight.shape[1]], -1)
-        return h + nn.functional.linear(self.act(z), self.up_weight, self.up_bias)
+        branch = nn.functional.linear(self.act(z), self.up_weight, self.up_bias)  # (B, T, d)
+        return h + scaled_rows(branch, self._owner[0].row_scale)
 
 
 def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
@@ -283,6 +305,7 @@ def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
 
 class BottleneckType(LayerType):
     kind = KIND
+    scopable = True
 
     def attach(self, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> AttachedLayer:
         return attach(model, UnlearningLayer.create(model, cfg, seed))

@@ -39,6 +39,7 @@ def is_gate_map(name: str) -> bool:
 
 class GatedType(LayerType):
     kind = KIND
+    scopable = True
 
     def attach(self, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> AttachedLayer:
         return AttachedLayer(model, UnlearningLayer.create(model, cfg, seed, gated=True), kind=KIND)

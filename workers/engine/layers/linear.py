@@ -161,6 +161,7 @@ def give_mlp_bias(model: nn.Module) -> None:
 
 class LinearType(MergeableLayerType):
     kind = KIND
+    scopable = True
 
     def attach(self, model: nn.Module, cfg: LayerConfig, seed: int = 0) -> AttachedLayer:
         """The bottleneck, linear: trained and fused as one."""
