@@ -19,7 +19,8 @@ corpus), each item seen twice: as the question alone and as question + answer, a
 own questions asked about other subjects of its kind (so the shape of a question is not what it learns).
 A sequence in scope gets the fused layer on every position, prompt and generated tokens alike (`row_scale`
 1); any other sequence gets the base model's function (`row_scale` 0: the layer's branch is multiplied by
-zero). Block 2 of SmolLM2-135M was chosen by probing every few blocks (benchmarks/results/scope/).
+zero). Block 2 of SmolLM2-135M was chosen by probing blocks 2-29 on four subjects: early blocks separated
+every subject with the widest margins (benchmarks/scope_diagnostic.py repeats that probe).
 
 How it runs (`SequenceScope`): the decision is a truncated forward of the base (the layer's rows set to 0)
 that stops at block k (`_Decided`), so it costs (k+1)/L of a prefill. `DecodeBatch` pins each row's decision
