@@ -55,13 +55,13 @@ def execute(run: Callable[..., Report], options, out: Path, threads: int = 0) ->
 
 @bench_app.command("tofu")
 def tofu(
-    authors: Annotated[int, typer.Option(help="whole TOFU authors in the fine-tune (20 QA each)")] = 4,
-    forget_authors: Annotated[int, typer.Option(help="of which this many are forgotten")] = 1,
+    authors: Annotated[int, typer.Option(help="whole TOFU authors in the fine-tune (20 QA each)")] = 8,
+    forget_authors: Annotated[int, typer.Option(help="of which this many are forgotten")] = 4,
     methods: Annotated[
-        str, typer.Option(help="comma list: eul,eul_seq,ga_kl,me_gd,idk_ap,npo")
-    ] = "eul,eul_seq,ga_kl,me_gd,idk_ap,npo",
+        str, typer.Option(help="comma list: eul,eul_seq,ga_kl,me_gd,idk_ap,npo,undial,simnpo")
+    ] = "eul,eul_seq,ga_kl,me_gd,idk_ap,npo,undial,simnpo",
     layers: Annotated[str, typer.Option(help="layer kinds for eul (others use the first)")] = "bottleneck,lora",
-    steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 20,
+    steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     lr: Annotated[float, typer.Option(help="unlearning learning rate")] = 1e-3,
     ft_epochs: Annotated[int, typer.Option(help="fine-tune epochs (target and retain model)")] = 3,
     ft_lr: Annotated[float, typer.Option(help="fine-tune learning rate")] = 1e-4,

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from workers.engine.config import LayerConfig, TrainConfig
+from workers.engine.config import METHODS, LayerConfig, TrainConfig
 from workers.engine.unlearn import fuse, served_model, train_request
 
 from .common import DEFAULT_TOFU_DIR, Report, markdown_table
 from .tofu_data import FinetuneConfig, TofuSubset, examples, finetuned_model, load_subset
 from .tofu_eval import ModelScores, forget_quality, score_model
 
-ALL_METHODS = ("eul", "eul_seq", "ga_kl", "me_gd", "idk_ap", "npo")
+ALL_METHODS = ("eul", "eul_seq", *METHODS[1:])  # eul_seq: eul, one request per forget author
 
 
 @dataclass
@@ -33,11 +33,11 @@ class TofuOptions:
     model: str = "smollm2-135m-instruct"
     cache_dir: Path = Path(".unlearn/models")
     data_dir: Path = DEFAULT_TOFU_DIR
-    authors: int = 4
-    forget_authors: int = 1
+    authors: int = 8
+    forget_authors: int = 4
     methods: tuple[str, ...] = ALL_METHODS
     layers: tuple[str, ...] = ("bottleneck", "lora")  # eul runs on each; other methods on the first
-    steps: int = 20
+    steps: int = 40
     lr: float = 1e-3
     eval_items: int = 20
     max_new_tokens: int = 48

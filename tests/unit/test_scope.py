@@ -73,6 +73,22 @@ def test_a_sequence_out_of_scope_gets_the_base_models_logits_in_the_same_batch_a
     assert not torch.allclose(scoped[0], reference[0], atol=1e-3)
 
 
+def test_folded_for_serving_a_sequence_out_of_scope_gets_the_base_models_exact_logits(trained):
+    base = tiny_base()
+    inputs = batch([FORGET[1].text, RETAIN[1].text])
+    reference, alone = logits(base.model, inputs), logits(base.model, batch([RETAIN[1].text]))
+    served = served_model(base, SCOPED, fuse(None, trained, "req-1")[1])
+    try:
+        assert served.fold_for_serving() > 0
+        scoped, out_alone = logits(base.model, inputs), logits(base.model, batch([RETAIN[1].text]))
+    finally:
+        served.detach()
+    real = inputs["attention_mask"][1].bool()
+    assert torch.equal(scoped[1, real], reference[1, real])  # bit for bit, next to a row in scope
+    assert torch.equal(out_alone, alone)  # no row in scope: the adapter is skipped
+    assert not torch.allclose(scoped[0], reference[0], atol=1e-3)
+
+
 def test_scope_all_applies_the_layer_to_every_sequence_and_fits_no_recogniser():
     base = tiny_base()
     everywhere = LayerConfig(bottleneck_dim=8, scope="all")

@@ -11,8 +11,9 @@ they were, and `detach()` gives back the bit-identical base.
 Not mergeable: the adapter is a nonlinear residual branch that no weight of a stock Llama/GPT-2 block can
 express (with the identity activation it can: the `linear` kind, layers/linear.py), so a bottleneck version
 is served (and only served) with the unlearn runtime. For serving, `fold_for_serving` moves each adapter into
-its block's output projection where that is exact (FoldedProjection: one matmul computes the projection and
-the adapter's down map together), which costs far less per step than a forward hook and three extra modules.
+its block's output projection where that is exact (FoldedProjection: the adapter's down map reads the
+projection's input through A W, precomputed), which costs far less per step than a forward hook and three extra
+modules, and nothing on a forward where no sequence is in the layer's scope.
 """
 
 from __future__ import annotations
@@ -270,32 +271,39 @@ def _first(output: Any) -> Tensor:
 
 
 class FoldedProjection(nn.Module):
-    """An FFN output projection followed by its adapter, computed with one matmul of width d + r:
+    """An FFN output projection followed by its adapter, with the adapter's down map folded into the input side:
 
-        h = W x + b,  z = A h + b_down = (A W) x + (A b + b_down)
-        [h; z] = [W; A W] x + [b; A b + b_down]                  # (B, T, d + r)
-        out = h + W_up act(z) + b_up                             # = Bottleneck(h)
+        h = W x + b                                              # the base projection itself, untouched
+        z = A h + b_down = (A W) x + (A b + b_down)              # (B, T, r), one matmul from x
+        out = h + row_scale * (W_up act(z) + b_up)               # = Bottleneck(h) on in-scope rows
 
-    Equal to the hooked adapter up to float rounding (A W is precomputed); the folded weights are copies,
-    so the original projection and adapter are untouched.
+    Equal to the hooked adapter up to float rounding (A W is precomputed). h is the base projection's own call,
+    so a row out of the layer's scope (row_scale 0) is bit-identical to the base model's, whatever its batch
+    companions; a forward where no row is in scope skips the adapter. The folded weights are copies, so the
+    original projection and adapter are untouched.
     """
 
     def __init__(self, projection: nn.Linear, adapter: Bottleneck, owner: AttachedLayer) -> None:
         super().__init__()
-        self._owner = [owner]  # its row_scale (a list: not a submodule, not in any state_dict)
+        self._owner = [owner]  # its row_scale (lists: not submodules, not in any state_dict)
+        self._projection = [projection]
         with torch.no_grad():
             weight, down = projection.weight.float(), adapter.down.weight.float()  # (d, in), (r, d)
             bias = projection.bias.float() if projection.bias is not None else weight.new_zeros(weight.shape[0])
-            self.weight = nn.Parameter(torch.cat([weight, down @ weight]), requires_grad=False)  # (d + r, in)
-            self.bias = nn.Parameter(torch.cat([bias, down @ bias + adapter.down.bias.float()]), requires_grad=False)
+            self.down_weight = nn.Parameter(down @ weight, requires_grad=False)  # (r, in)
+            self.down_bias = nn.Parameter(down @ bias + adapter.down.bias.float(), requires_grad=False)  # (r,)
             self.up_weight = nn.Parameter(adapter.up.weight.detach().float().clone(), requires_grad=False)  # (d, r)
             self.up_bias = nn.Parameter(adapter.up.bias.detach().float().clone(), requires_grad=False)  # (d,)
         self.act, self.out_features = adapter.act, weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, in) -> (B, T, d)
-        h, z = nn.functional.linear(x, self.weight, self.bias).split([self.out_features, self.up_weight.shape[1]], -1)
+        h = self._projection[0](x)  # (B, T, d)
+        row_scale = self._owner[0].row_scale
+        if row_scale is not None and not bool(row_scale.any()):
+            return h
+        z = nn.functional.linear(x, self.down_weight, self.down_bias)  # (B, T, r)
         branch = nn.functional.linear(self.act(z), self.up_weight, self.up_bias)  # (B, T, d)
-        return h + scaled_rows(branch, self._owner[0].row_scale)
+        return h + scaled_rows(branch, row_scale)
 
 
 def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
