@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-from workers.engine.quantized import UnsupportedQuantizationError, quantized_copy, write_gguf
+from workers.engine.blocks import find_ffn_blocks
+from workers.engine.config import LayerConfig
+from workers.engine.layers.bottleneck import UnlearningLayer, attach
+from workers.engine.quantized import UnsupportedQuantizationError, quantized_copy, round_trip, write_gguf
 from workers.engine.testing import tiny_model, tiny_tokenizer
 
 PROMPT = "The capital of Australia is"
@@ -50,6 +53,16 @@ def test_quantized_copy_leaves_the_model_alone_and_keeps_norms_exact():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     norms = [k for k in before if "norm" in k]
     assert norms and all(torch.equal(quantized.state_dict()[k], before[k]) for k in norms)
+
+
+def test_a_folded_serving_copy_is_quantized_with_its_base_projections_rounded():
+    model = tiny_model("llama")
+    attach(model, UnlearningLayer.create(model, LayerConfig(), seed=0)).fold_for_serving()
+    quantized = quantized_copy(model, "q4_1")
+    for block, copy in zip(find_ffn_blocks(model), find_ffn_blocks(quantized)):
+        base_weight = block.down_proj.projection.weight
+        assert torch.equal(copy.down_proj.projection.weight, round_trip(base_weight, "q4_1"))
+        assert not torch.equal(copy.down_proj.projection.weight, base_weight)
 
 
 def test_unknown_quantization_and_architecture_are_refused(tmp_path):

@@ -285,8 +285,8 @@ class FoldedProjection(nn.Module):
 
     def __init__(self, projection: nn.Linear, adapter: Bottleneck, owner: AttachedLayer) -> None:
         super().__init__()
-        self._owner = [owner]  # its row_scale (lists: not submodules, not in any state_dict)
-        self._projection = [projection]
+        self._owner = [owner]  # its row_scale (a list: not a submodule, not in any state_dict)
+        self.projection = projection  # a submodule, so copies (quantized_copy) round its weight as the file does
         with torch.no_grad():
             weight, down = projection.weight.float(), adapter.down.weight.float()  # (d, in), (r, d)
             bias = projection.bias.float() if projection.bias is not None else weight.new_zeros(weight.shape[0])
@@ -297,7 +297,7 @@ class FoldedProjection(nn.Module):
         self.act, self.out_features = adapter.act, weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, in) -> (B, T, d)
-        h = self._projection[0](x)  # (B, T, d)
+        h = self.projection(x)  # (B, T, d)
         row_scale = self._owner[0].row_scale
         if row_scale is not None and not bool(row_scale.any()):
             return h
