@@ -3,9 +3,11 @@
 1. Load (benchmarks/serving_load.py): the HTTP API of a live `unlearn serve --no-worker` under 1, 8, 16...
    concurrent clients (continuous batching: service/api/serving/scheduler.py).
 2. Decode speed per layer, in process, through the engine's DecodeBatch (the scheduler's forward path):
-   the base (version 0), a bottleneck version (adapters folded into a copy's output projections), a
-   linear version and a LoRA version (both merged into a copy's weights), random non-zero fused weights
-   (speed does not depend on their values), at batch 1 and batch 8 (8 rows of the same prompt), timed
+   the base (version 0), a bottleneck version (adapters folded into a copy's output projections) acting on
+   every sequence, the same with a recogniser that puts the prompt in its scope (the default scope's cost on
+   a request's subject: its decision at prefill, then the layer) and one that leaves it out (the cost on all
+   other traffic), a linear version and a LoRA version (both merged into a copy's weights), random non-zero
+   fused weights (speed does not depend on their values), at batch 1 and batch 8 (8 rows of the same prompt), timed
    round-robin so machine load hits all alike; median decode tokens/s (prefill excluded) and time to first
    token (prefill + first token).
 Target (issue 14): a fused version decodes at >= 0.95x the base at batch 1 and at batch 8.
@@ -25,6 +27,7 @@ from service.api.serving.generation import chat_prompt_ids
 from workers.engine.config import LayerConfig
 from workers.engine.decoding import DecodeBatch
 from workers.engine.layers import create_attached
+from workers.engine.layers.scope import SCOPE_KEY
 from workers.engine.loading import load_base_model
 from workers.engine.versions import build_serving_model
 
@@ -55,6 +58,14 @@ def random_maps(base_model: torch.nn.Module, kind: str) -> dict[str, torch.Tenso
         for param in attached.trainable_parameters():
             param.normal_(0, 0.02)
     return attached.map_weights()
+
+
+def constant_recogniser(base_model: torch.nn.Module, knows: bool) -> torch.Tensor:
+    """(1, 2d + 1) recogniser (layers/scope.py) whose logit is +-10 on every input: the decision's cost
+    (the truncated forward to the scope block) without depending on what a trained one would say."""
+    weights = torch.zeros(1, 2 * base_model.config.hidden_size + 1)
+    weights[0, -1] = 10.0 if knows else -10.0
+    return weights
 
 
 def sync(device: torch.device) -> None:
@@ -94,6 +105,11 @@ def run_serving(opts: ServingOptions, bar, out_dir: Path) -> Report:
     for kind, name in (("bottleneck", "fused bottleneck"), ("linear", "fused linear (merged)"),
                        ("lora", "fused LoRA (merged)")):
         models[name] = build_serving_model(base.model, LayerConfig(kind=kind), random_maps(base.model, kind))
+    bottleneck = random_maps(base.model, "bottleneck")
+    for in_scope, name in ((True, "fused bottleneck, scoped: prompt in scope"),
+                           (False, "fused bottleneck, scoped: prompt out of scope")):
+        maps = {**bottleneck, SCOPE_KEY: constant_recogniser(base.model, in_scope)}
+        models[name] = build_serving_model(base.model, LayerConfig(kind="bottleneck"), maps)
     batches = (1, opts.batch)
     task = bar.add_task("decode", total=len(models) * opts.repeats * len(batches), info="warm-up")
     for model in models.values():
