@@ -43,7 +43,7 @@ def test_tofu_bench_writes_table_scatter_and_sequential_curve(tmp_path: Path, ca
                "--eval-items", "2", "--max-new-tokens", "4"], tmp_path, cache_dir)
     text = report_text(tmp_path, "tofu")
     for row in ("retain model (gold)", "target (no unlearning)", "| eul | lora |", "eul_seq", "ga_kl", "me_gd",
-                "idk_ap", "npo"):
+                "idk_ap", "npo", "undial", "simnpo"):
         assert row in text
     assert "Sequential requests" in text
     assert (tmp_path / "tofu_quality_utility.png").stat().st_size > 0
@@ -76,7 +76,8 @@ def test_cost_bench_reports_both_ratios(tmp_path: Path, cache_dir: Path) -> None
 def test_serving_bench_loads_the_http_api_and_compares_fused_models_with_base(tmp_path: Path, cache_dir: Path) -> None:
     run_bench(["serving", "--clients", "1,2", "--tokens", "4", "--repeats", "1", "--batch", "2"], tmp_path, cache_dir)
     text = report_text(tmp_path, "serving")
-    assert all(name in text for name in ("fused bottleneck", "fused linear (merged)", "fused LoRA (merged)"))
+    assert all(name in text for name in ("fused bottleneck", "fused linear (merged)", "fused LoRA (merged)",
+                                         "scoped: prompt in scope", "scoped: prompt out of scope"))
     assert "aggregate tokens/s" in text
     meta = json.loads((tmp_path / "serving.json").read_text())
     assert all(rate > 0 for rate in meta["data"]["decode_tokens_per_s"].values())
