@@ -278,9 +278,9 @@ class FoldedProjection(nn.Module):
         out = h + row_scale * (W_up act(z) + b_up)               # = Bottleneck(h) on in-scope rows
 
     Equal to the hooked adapter up to float rounding (A W is precomputed). h is the base projection's own call,
-    so a row out of the layer's scope (row_scale 0) is bit-identical to the base model's, whatever its batch
-    companions; a forward where no row is in scope skips the adapter. The folded weights are copies, so the
-    original projection and adapter are untouched.
+    so a row out of the layer's scope (row_scale 0) gets exactly what the base model computes for it in the
+    same batch, next to rows in scope; a forward where no row is in scope skips the adapter. The projection
+    is used, not changed, and the adapter's weights are copies: `detach()` restores the block as it was.
     """
 
     def __init__(self, projection: nn.Linear, adapter: Bottleneck, owner: AttachedLayer) -> None:
