@@ -64,7 +64,9 @@ def server_env(data_dir: Path, opts: ApiOptions) -> dict[str, str]:
 def start_server(data_dir: Path, opts: ApiOptions, port: int, workers: int = 1) -> subprocess.Popen:
     """`unlearn serve --no-worker --workers N`; the model cache is linked in so the base is not rebuilt."""
     if not (data_dir / "models").exists():
-        (data_dir / "models").symlink_to(Path(opts.cache_dir).resolve(), target_is_directory=True)
+        cache = Path(opts.cache_dir).resolve()
+        cache.mkdir(parents=True, exist_ok=True)  # a link to a missing dir would fail the server's model load
+        (data_dir / "models").symlink_to(cache, target_is_directory=True)
     command = [sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port), "--workers", str(workers)]
     with open(data_dir / "server.log", "ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(command, env=server_env(data_dir, opts), stdout=log, stderr=subprocess.STDOUT)
