@@ -9,7 +9,19 @@ from typing import Annotated
 
 import typer
 
-from .common import DEFAULT_TOFU_DIR, RESULTS_DIR, MachineLoad, Report, console, cores, load_average, progress_bar
+from workers.engine.config import DEFAULT_METHOD
+
+from .common import (
+    DEFAULT_TOFU_DIR,
+    RESULTS_DIR,
+    TOFU_METHODS,
+    MachineLoad,
+    Report,
+    console,
+    cores,
+    load_average,
+    progress_bar,
+)
 
 bench_app = typer.Typer(help="Benchmarks: TOFU forgetting quality, fusion, cost, serving, API.", no_args_is_help=True)
 
@@ -58,9 +70,10 @@ def tofu(
     authors: Annotated[int, typer.Option(help="whole TOFU authors in the fine-tune (20 QA each)")] = 8,
     forget_authors: Annotated[int, typer.Option(help="of which this many are forgotten")] = 4,
     methods: Annotated[
-        str, typer.Option(help="comma list: eul,eul_seq,ga_kl,me_gd,idk_ap,npo,undial,simnpo")
-    ] = "eul,eul_seq,ga_kl,me_gd,idk_ap,npo,undial,simnpo",
-    layers: Annotated[str, typer.Option(help="layer kinds for eul (others use the first)")] = "bottleneck,lora",
+        str, typer.Option(help="comma list of methods; <method>_seq: one request per forget author")
+    ] = ",".join(TOFU_METHODS),
+    layers: Annotated[str, typer.Option(help="layer kinds for the default method (others use the first)")
+                      ] = "bottleneck,lora",
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     lr: Annotated[float, typer.Option(help="unlearning learning rate")] = 1e-3,
     ft_epochs: Annotated[int, typer.Option(help="fine-tune epochs (target and retain model)")] = 3,
@@ -152,10 +165,12 @@ def memorization(
 @bench_app.command("selectivity")
 def selectivity(
     subjects: Annotated[int, typer.Option(help="how many of the built-in subjects (people and places)")] = 6,
+    names: Annotated[str, typer.Option(help="comma list of built-in subjects to run instead (e.g. 'Mount "
+                                            "Kilimanjaro')")] = "",
     arms: Annotated[str, typer.Option(help="comma list of method:retain[:layer[:scope]] (retain: generic | "
                                             "neighbourhood; layer: bottleneck (default) | linear | lora | gated; "
                                             "scope: sequence (default) | all)")]
-    = "eul:neighbourhood,eul:neighbourhood:bottleneck:all",
+    = f"{DEFAULT_METHOD}:neighbourhood,{DEFAULT_METHOD}:neighbourhood:bottleneck:all",
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,
     quantized: Annotated[str, typer.Option(help="comma list of q8_0 | q4_0 | q4_1: also check each version "
@@ -166,8 +181,8 @@ def selectivity(
     """Forget one subject, keep everyone else: forget / held-out / neighbour / general drop per arm."""
     from .selectivity import SelectivityOptions, run_selectivity
 
-    options = SelectivityOptions(model=model, cache_dir=models_dir(cache_dir), subjects=subjects, arms=split(arms),
-                                 steps=steps, device=device, max_new_tokens=max_new_tokens,
+    options = SelectivityOptions(model=model, cache_dir=models_dir(cache_dir), subjects=subjects, names=split(names),
+                                 arms=split(arms), steps=steps, device=device, max_new_tokens=max_new_tokens,
                                  quantized=split(quantized))
     execute(run_selectivity, options, out, threads)
 
@@ -175,7 +190,7 @@ def selectivity(
 @bench_app.command("sequential")
 def sequential(
     requests: Annotated[int, typer.Option(help="requests in a row, one subject each (at most 8)", min=1, max=8)] = 8,
-    method: Annotated[str, typer.Option(help="unlearning method of every request")] = "eul",
+    method: Annotated[str, typer.Option(help="unlearning method of every request")] = DEFAULT_METHOD,
     steps: Annotated[int, typer.Option(help="unlearning steps per request")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="greedy answer length")] = 48,
     model: ModelOpt = DEFAULT_MODEL, cache_dir: CacheOpt = None, device: DeviceOpt = "cpu",

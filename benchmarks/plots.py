@@ -37,20 +37,24 @@ def scatter_quality_utility(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def sequential_curves(points: Sequence[dict[str, Any]], path: Path) -> Path:
-    """After k sequential requests: each earlier author's forget ROUGE-L, and the model utility."""
+    """After k sequential requests: each earlier author's forget ROUGE-L, and the model utility; one panel per
+    method (points carry "method")."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for author in sorted({p["author"] for p in points}):
-        mine = [p for p in points if p["author"] == author]
-        ax.plot([p["requests"] for p in mine], [p["forget_rouge"] for p in mine], marker="o",
-                label=f"forget ROUGE-L, author {author}")
-    ks = sorted({p["requests"] for p in points})
-    utility = [next(p["utility"] for p in points if p["requests"] == k) for k in ks]
-    ax.plot(ks, utility, marker="s", color="black", label="model utility")
-    ax.set_xlabel("requests fused so far (k)")
-    ax.set_ylabel("score")
-    ax.set_title("Sequential requests (MUSE C6)")
-    ax.legend(fontsize=8)
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 4.8), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        run = [p for p in points if p["method"] == method]
+        for author in sorted({p["author"] for p in run}):
+            mine = [p for p in run if p["author"] == author]
+            ax.plot([p["requests"] for p in mine], [p["forget_rouge"] for p in mine], marker="o",
+                    label=f"forget ROUGE-L, author {author}")
+        ks = sorted({p["requests"] for p in run})
+        utility = [next(p["utility"] for p in run if p["requests"] == k) for k in ks]
+        ax.plot(ks, utility, marker="s", color="black", label="model utility")
+        ax.set_xlabel("requests fused so far (k)")
+        ax.set_ylabel("score")
+        ax.set_title(f"Sequential requests (MUSE C6): {method}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

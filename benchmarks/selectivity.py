@@ -11,8 +11,11 @@ one), through the real engine (train_request -> fuse -> served model) on the def
 
 drop = 1 - mean ROUGE-L recall of the greedy answer against the base model's greedy answer (the base scores
 1.0 by construction). "forgotten": the verdict's forget checks against the base (NLL ratio >= 1.25, ROUGE-L
-<= 0.4). With --quantized, the same forget and held-out drops and checks on the version rounded as its GGUF
-export stores it (engine/quantized.py), and on the base rounded alike (what rounding alone changes).
+<= 0.4). "general ppl +": the verdict's general-utility check, perplexity of the built-in general set (questions
+with answers and free sentences, scored teacher-forced, so the scope decides on the whole text) over the base's,
+minus 1 (a job fails above 0.15); "verdict": the forget and general checks together. With --quantized, the
+same forget and held-out drops and checks on the version rounded as its GGUF export stores it
+(engine/quantized.py), and on the base rounded alike (what rounding alone changes).
 Retain "generic" is the built-in generic chat set only (the old default);
 "neighbourhood" adds the request's neighbourhood (workers/engine/neighbours.py; the default now).
 """
@@ -26,6 +29,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from workers.engine.config import DEFAULT_METHOD
+
 from .common import Report, fmt, markdown_table
 from .selectivity_data import SUBJECTS, neighbour_questions, subject_questions
 
@@ -37,7 +42,8 @@ class SelectivityOptions:
     model: str
     cache_dir: Path
     subjects: int = len(SUBJECTS)
-    arms: tuple[str, ...] = ("eul:generic", "eul:neighbourhood")  # method:retain[:layer kind[:scope]]
+    names: tuple[str, ...] = ()  # these built-in subjects instead of the first `subjects`
+    arms: tuple[str, ...] = (f"{DEFAULT_METHOD}:neighbourhood",)  # method:retain[:layer kind[:scope]]
     steps: int = 40
     device: str = "cpu"
     max_new_tokens: int = 48
@@ -73,6 +79,22 @@ def _forget_checks(model, tokenizer, forget, before_forget) -> dict[str, Any]:
     return {"forgotten": verdict.passed, "nll_ratio": verdict.checks.get("forget_nll_ratio", {}).get("value")}
 
 
+def _general_metrics(model, tokenizer) -> dict[str, Any]:
+    """The "general" section of a job's metrics (verify.evaluate), without the KL to the base."""
+    from workers.engine.verify import EvalConfig, general_set, set_metrics
+
+    return set_metrics(model, tokenizer, general_set(), EvalConfig())[0]
+
+
+def _general_checks(model, tokenizer, before_general, forgotten: bool) -> dict[str, Any]:
+    from workers.engine.verify import Thresholds, judge
+
+    verdict = judge({"general": before_general}, {"general": _general_metrics(model, tokenizer)}, Thresholds())
+    checks = [c for name, c in verdict.checks.items() if name.startswith("general_")]
+    return {"general_ppl_increase": verdict.checks["general_ppl_increase"]["value"],
+            "verdict": forgotten and all(c["ok"] for c in checks)}
+
+
 def _quantized(model, base, opts: SelectivityOptions, questions, references, forget, before_forget
                ) -> dict[str, dict[str, Any]]:
     """quantization -> forget / held-out drop and the forget checks of `model` rounded that way."""
@@ -104,7 +126,10 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
     load_start = os.getloadavg()[0]
     base = load_base_model(opts.model, opts.cache_dir, device=opts.device)
     cache = opts.cache_dir / "retain-cache"
-    subjects = SUBJECTS[: opts.subjects]
+    subjects = [s for s in SUBJECTS if s[1] in opts.names] if opts.names else SUBJECTS[: opts.subjects]
+    if opts.names and len(subjects) != len(opts.names):
+        raise ValueError(f"unknown subject in {list(opts.names)}; built-in: {[s[1] for s in SUBJECTS]}")
+    before_general = _general_metrics(base.model, base.tokenizer)
     task = bar.add_task("selectivity", total=len(subjects) * len(opts.arms), info="")
     rows: list[dict[str, Any]] = []
     for kind, name in subjects:
@@ -131,6 +156,7 @@ def run_selectivity(opts: SelectivityOptions, bar, out_dir: Path) -> Report:
             try:
                 drops = _drops(base, answers, questions, references, opts.max_new_tokens)
                 drops |= _forget_checks(base.model, base.tokenizer, forget, before_forget)
+                drops |= _general_checks(base.model, base.tokenizer, before_general, drops["forgotten"])
             finally:
                 served.detach()
             if opts.quantized:
@@ -159,8 +185,10 @@ def _report(opts: SelectivityOptions, rows: list[dict[str, Any]], load_start: fl
     rows = [r for r in rows if r["arm"] in opts.arms]  # without the quantized base reference rows
     yes_no = {True: "yes", False: "NO"}
     report.add("Per subject", markdown_table(
-        ["subject", "arm", *(f"{s} drop" for s in SETS), "forgotten (verdict's forget checks)"],
-        [[r["subject"], r["arm"], *(r[s] for s in SETS), yes_no[r["forgotten"]]] for r in rows]))
+        ["subject", "arm", *(f"{s} drop" for s in SETS), "forgotten (verdict's forget checks)", "general ppl +",
+         "verdict"],
+        [[r["subject"], r["arm"], *(r[s] for s in SETS), yes_no[r["forgotten"]], r["general_ppl_increase"],
+          yes_no[r["verdict"]]] for r in rows]))
     if quantized_rows:
         report.add("Quantized (rounded as the GGUF export stores it)", markdown_table(
             ["subject", "arm", *(f"{q} {s}" for q in opts.quantized

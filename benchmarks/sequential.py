@@ -20,6 +20,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from workers.engine.config import DEFAULT_METHOD
+
 from .common import Report, fmt, markdown_table
 from .selectivity import _questions, recall
 
@@ -35,7 +37,7 @@ class SequentialOptions:
     model: str
     cache_dir: Path
     requests: int = 8
-    method: str = "eul"
+    method: str = DEFAULT_METHOD
     steps: int = 40
     device: str = "cpu"
     max_new_tokens: int = 48

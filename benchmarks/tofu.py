@@ -2,30 +2,31 @@
 
 1. target model = base fine-tuned on N authors; retain model = base fine-tuned on the N - K retain
    authors (both cached);
-2. per method (and, for eul, per layer kind): one deletion request with the K forget authors, trained
-   against the target, fused (closed form, as the service does) and served; TOFU scores;
-3. eul_seq: K requests of one author each, fused one after another (MUSE C6 sustainability): after
-   each, every earlier forget author's scores and the utility -> sequential curve.
+2. per method (and, for the default method, per layer kind): one deletion request with the K forget authors,
+   trained against the target, fused (closed form, as the service does) and served; TOFU scores;
+3. <method>_seq (e.g. npo_seq): K requests of one author each, fused one after another (MUSE C6
+   sustainability): after each, every earlier forget author's scores and the utility -> sequential curve.
 Reference rows: the untouched target and the retain model (forget quality 1.0 by definition).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.engine.config import METHODS, LayerConfig, TrainConfig
+from workers.engine.config import DEFAULT_METHOD, LayerConfig, TrainConfig
+from workers.engine.layers.scope import scope_evidence
 from workers.engine.unlearn import fuse, served_model, train_request
 
-from .common import DEFAULT_TOFU_DIR, Report, markdown_table
+from .common import DEFAULT_TOFU_DIR, SEQUENTIAL, TOFU_METHODS, Report, markdown_table
 from .tofu_data import FinetuneConfig, TofuSubset, examples, finetuned_model, load_subset
 from .tofu_eval import ModelScores, forget_quality, score_model
-
-ALL_METHODS = ("eul", "eul_seq", *METHODS[1:])  # eul_seq: eul, one request per forget author
 
 
 @dataclass
@@ -35,8 +36,8 @@ class TofuOptions:
     data_dir: Path = DEFAULT_TOFU_DIR
     authors: int = 8
     forget_authors: int = 4
-    methods: tuple[str, ...] = ALL_METHODS
-    layers: tuple[str, ...] = ("bottleneck", "lora")  # eul runs on each; other methods on the first
+    methods: tuple[str, ...] = TOFU_METHODS
+    layers: tuple[str, ...] = ("bottleneck", "lora")  # the default method runs on each; others on the first
     steps: int = 40
     lr: float = 1e-3
     eval_items: int = 20
@@ -79,19 +80,26 @@ def unlearn_once(target, forget_rows, retain_rows, layer: str, method: str, opts
     return state, fused, time.perf_counter() - started
 
 
-def scored_with(target, layer: str, fused, subset: TofuSubset, opts: TofuOptions, authors=None) -> ModelScores:
+@contextmanager
+def serving(target, layer: str, fused) -> Iterator[None]:
+    """target.model serves the fused layer inside the block, and is the exact target again after it."""
     served = served_model(target, LayerConfig(kind=layer), fused)
     try:
-        return score_model(target.model, target.tokenizer, authors or subset.forget_authors,
-                           utility_sets(subset), opts.max_new_tokens)
+        yield
     finally:
         served.detach()
+
+
+def scored_with(target, layer: str, fused, subset: TofuSubset, opts: TofuOptions) -> ModelScores:
+    with serving(target, layer, fused):
+        return score_model(target.model, target.tokenizer, subset.forget_authors, utility_sets(subset),
+                           opts.max_new_tokens)
 
 
 def method_runs(opts: TofuOptions) -> list[tuple[str, str]]:
     runs = []
     for method in opts.methods:
-        layers = opts.layers if method == "eul" else opts.layers[:1]
+        layers = opts.layers if method == DEFAULT_METHOD else opts.layers[:1]
         runs += [(method, layer) for layer in layers]
     return runs
 
@@ -118,14 +126,15 @@ def run_tofu(opts: TofuOptions, bar, out_dir: Path) -> Report:
             Row("target (no unlearning)", "-", score_model(target.model, target.tokenizer, subset.forget_authors,
                                                         utility_sets(subset), opts.max_new_tokens), target_ft)]
     bar.advance(task)
-    sequential: list[dict[str, Any]] = []
+    sequential: list[dict[str, Any]] = []  # points of every <method>_seq run
     runs = method_runs(opts)
     bar.update(task, description="unlearn + score", completed=0, total=len(runs), info="")
     for method, layer in runs:
         bar.update(task, info=f"{method} ({layer})")
         reset_peak(target.device)
-        if method == "eul_seq":
-            row, sequential = run_sequential(target, subset, layer, opts, retain_scores)
+        if method.endswith(SEQUENTIAL):
+            row, curve = run_sequential(target, subset, method, layer, opts, retain_scores)
+            sequential += curve
         else:
             _, fused, seconds = unlearn_once(target, subset.forget, subset.retain, layer, method, opts)
             row = Row(method, layer, scored_with(target, layer, fused, subset, opts), seconds)
@@ -135,21 +144,30 @@ def run_tofu(opts: TofuOptions, bar, out_dir: Path) -> Report:
     return build_report(opts, subset, rows, retain_scores, sequential, out_dir)
 
 
-def run_sequential(target, subset: TofuSubset, layer: str, opts: TofuOptions, retain_scores: ModelScores
-                   ) -> tuple[Row, list[dict[str, Any]]]:
-    """One request per forget author, fused in turn; after request k, every author <= k is scored."""
+def run_sequential(target, subset: TofuSubset, name: str, layer: str, opts: TofuOptions,
+                   retain_scores: ModelScores) -> tuple[Row, list[dict[str, Any]]]:
+    """`name` = <method>_seq: one request per forget author, fused in turn; after request k, every author <= k
+    is scored, with the share of its questions the version's scope puts in scope (layers/scope.py: the layer
+    acts only there), and the share of retain questions."""
+    method = name.removesuffix(SEQUENTIAL)
     state, curve, seconds, scores = None, [], 0.0, None
     for k, author in enumerate(subset.forget_authors, start=1):
-        state, fused, spent = unlearn_once(target, author, subset.retain, layer, "eul", opts, state, f"author-{k}")
+        state, fused, spent = unlearn_once(target, author, subset.retain, layer, method, opts, state, f"author-{k}")
         seconds += spent
-        scores = scored_with(target, layer, fused, subset, opts, authors=subset.forget_authors[:k])
+        with serving(target, layer, fused):
+            scores = score_model(target.model, target.tokenizer, subset.forget_authors[:k], utility_sets(subset),
+                                 opts.max_new_tokens)
+            scope = scope_evidence(target.model, target.tokenizer, {
+                "retain": examples(subset.retain),
+                **{f"author_{j}": examples(rows) for j, rows in enumerate(subset.forget_authors[:k], start=1)}})
         for j, author_scores in enumerate(scores.forget, start=1):
             gold = retain_scores.forget[j - 1].ratios
-            curve.append({"requests": k, "author": j, "forget_rouge": author_scores.rouge_l,
+            curve.append({"method": name, "requests": k, "author": j, "forget_rouge": author_scores.rouge_l,
                           "forget_prob": author_scores.prob,
                           "forget_quality": forget_quality(author_scores.ratios, gold),
-                          "utility": scores.utility})
-    return Row("eul_seq", layer, scores, seconds), curve
+                          "in_scope": scope.get(f"author_{j}_in_scope", 1.0),  # 1.0: a layer acting everywhere
+                          "retain_in_scope": scope.get("retain_in_scope", 1.0), "utility": scores.utility})
+    return Row(name, layer, scores, seconds), curve
 
 
 def build_report(opts: TofuOptions, subset: TofuSubset, rows: list[Row], retain_scores: ModelScores,
@@ -180,11 +198,12 @@ def build_report(opts: TofuOptions, subset: TofuSubset, rows: list[Row], retain_
     report.add("Forget quality vs model utility", f"![scatter]({scatter.name})")
     if sequential:
         curve = sequential_curves(sequential, out_dir / "tofu_sequential.png")
-        seq_rows = [[p["requests"], p["author"], p["forget_quality"], p["forget_rouge"], p["forget_prob"], p["utility"]]
-                    for p in sequential]
+        seq_rows = [[p["method"], p["requests"], p["author"], p["forget_quality"], p["forget_rouge"],
+                     p["forget_prob"], p["in_scope"], p["retain_in_scope"], p["utility"]] for p in sequential]
         report.add("Sequential requests (MUSE C6 sustainability)",
-                   markdown_table(["after request k", "author j <= k", "forget quality", "forget ROUGE-L",
-                                   "forget prob", "utility"], seq_rows) + f"\n\n![sequential]({curve.name})")
+                   markdown_table(["method", "after request k", "author j <= k", "forget quality", "forget ROUGE-L",
+                                   "forget prob", "author in scope", "retain in scope", "utility"], seq_rows)
+                   + f"\n\n![sequential]({curve.name})\n\n" + SEQUENTIAL_READING)
     return report
 
 
@@ -195,6 +214,11 @@ READING = ("Forget quality: KS-test p-value of the forget authors' truth ratios 
            "the reference rows; 0 when the cached model was reused).")
 
 
+SEQUENTIAL_READING = ("'author in scope': share of that author's forget questions the version's recognisers put in "
+                      "scope (the fused layer acts only on those; the rest are answered by the target as is); "
+                      "'retain in scope': the same share of the retain authors' questions.")
+
+
 def setup_text(opts: TofuOptions, subset: TofuSubset) -> str:
     ft = opts.finetune
     return (f"- data: {opts.data_dir} (TOFU, forget10 task 1 + retain_perturbed): {opts.authors} whole authors, "
@@ -203,5 +227,5 @@ def setup_text(opts: TofuOptions, subset: TofuSubset) -> str:
             f"- fine-tunes (target, retain model): full weights, {ft.epochs} epochs, lr {ft.lr}, "
             f"batch {ft.batch_size}\n"
             f"- unlearning: {opts.steps} steps, lr {opts.lr}, batch 4, one request fused in closed form "
-            f"(eul_seq: one request per forget author, fused in turn); layers {', '.join(opts.layers)}\n"
+            f"(<method>_seq: one request per forget author, fused in turn); layers {', '.join(opts.layers)}\n"
             f"- methods: {', '.join(opts.methods)}; device {opts.device}")

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from workers.engine.config import LAYER_KINDS, METHODS
+from workers.engine.config import DEFAULT_METHOD, LAYER_KINDS, METHODS
 
 console = Console(stderr=True)
 
@@ -44,7 +44,7 @@ def forget(
                                                      dir_okay=False, show_default=False)] = None,
     model: Annotated[str, typer.Option(help="model name, HF dir or .gguf file")] = "smollm2-135m-instruct",
     retain: Annotated[Path | None, typer.Option(help="JSONL of items to keep (default: built-in set)")] = None,
-    method: Annotated[str, typer.Option(help=" | ".join(METHODS))] = "eul",
+    method: Annotated[str, typer.Option(help=" | ".join(METHODS))] = DEFAULT_METHOD,
     steps: Annotated[int, typer.Option(min=1, help="training steps")] = 40,
     out: Annotated[Path | None, typer.Option(help="directory to write the trained layer to")] = None,
     layer: Annotated[str, typer.Option(help=" | ".join(LAYER_KINDS))] = "bottleneck",

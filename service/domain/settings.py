@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.domain.rates import parse_rate
-from workers.engine.config import LAYER_KINDS, LAYER_SCOPES, METHODS, QUANT_TYPES
+from workers.engine.config import DEFAULT_METHOD, LAYER_KINDS, LAYER_SCOPES, METHODS, QUANT_TYPES
 
 
 class Settings(BaseSettings):
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         return value
 
     # unlearning defaults (a request may override within the bounds in schemas)
-    method: Literal[METHODS] = "eul"
+    method: Literal[METHODS] = DEFAULT_METHOD
     layer: Literal[LAYER_KINDS] = "bottleneck"
     # "sequence": a version's layer acts only on the sequences its requests' recognisers know (the request's
     # subject), every other sequence is answered by the base model (layers/scope.py); "all": on every sequence.

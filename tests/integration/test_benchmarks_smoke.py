@@ -42,8 +42,8 @@ def test_tofu_bench_writes_table_scatter_and_sequential_curve(tmp_path: Path, ca
     run_bench(["tofu", "--authors", "3", "--forget-authors", "2", "--steps", "2", "--ft-epochs", "1",
                "--eval-items", "2", "--max-new-tokens", "4"], tmp_path, cache_dir)
     text = report_text(tmp_path, "tofu")
-    for row in ("retain model (gold)", "target (no unlearning)", "| eul | lora |", "eul_seq", "ga_kl", "me_gd",
-                "idk_ap", "npo", "undial", "simnpo"):
+    for row in ("retain model (gold)", "target (no unlearning)", "| eul | lora |", "| eul_seq |", "| npo |",
+                "| npo_seq |", "ga_kl", "me_gd", "idk_ap", "undial", "simnpo"):
         assert row in text
     assert "Sequential requests" in text
     assert (tmp_path / "tofu_quality_utility.png").stat().st_size > 0
@@ -120,10 +120,18 @@ def test_selectivity_bench_writes_a_row_per_subject_and_arm_and_its_plot(tmp_pat
     rows = [r for r in rows if r["arm"] != "base (no unlearning)"]
     assert all(r["n"]["neighbours"] == 40 and r["n"]["forget"] == 5 and r["n"]["held_out"] == 3 for r in rows)
     assert rows[1]["n_retain"] >= rows[0]["n_retain"]  # the neighbourhood only adds (a tiny model answers "")
+    assert all(isinstance(r["general_ppl_increase"], float) and isinstance(r["verdict"], bool) for r in rows)
     text = (tmp_path / "selectivity.md").read_text()
     assert "- command: `" in text and "| Albert Einstein | undial:neighbourhood:linear |" in text
     assert "q8_0 forget drop" in text
     assert (tmp_path / "selectivity.png").stat().st_size > 0
+
+
+def test_selectivity_bench_runs_the_named_subjects(tmp_path: Path, cache_dir: Path) -> None:
+    run_bench(["selectivity", "--names", "Mount Kilimanjaro", "--steps", "1", "--max-new-tokens", "2",
+               "--arms", "eul:neighbourhood"], tmp_path, cache_dir)
+    rows = json.loads((tmp_path / "selectivity.json").read_text())["data"]["rows"]
+    assert [(r["subject"], r["arm"]) for r in rows] == [("Mount Kilimanjaro", "eul:neighbourhood")]
 
 
 def test_sequential_bench_scores_every_earlier_request_after_each_one(tmp_path: Path, cache_dir: Path) -> None:

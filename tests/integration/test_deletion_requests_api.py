@@ -33,7 +33,7 @@ def test_submit_answers_202_with_location_of_queued_job(api, make_key):
     body = response.json()
     assert response.headers["Location"] == f"/v1/jobs/{body['job']['id']}"
     assert body["job"]["status"] == "queued"
-    assert body["n_forget"] == 2 and body["method"] == "eul"
+    assert body["n_forget"] == 2 and body["method"] == "eul"  # the default: the request names none
     assert len(body["payload_digest"]) == 64
 
 

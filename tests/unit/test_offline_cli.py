@@ -34,7 +34,7 @@ def test_forget_trains_a_layer_reports_before_and_after_and_writes_it(tmp_path, 
     assert result.exit_code == 0, result.output
     assert "mean answer NLL" in result.output and "before:" in result.output and "after:" in result.output
     meta = json.loads((tmp_path / "layer" / "layer.json").read_text())
-    assert meta["method"] == "eul" and meta["model"] == "tiny-random-llama"
+    assert meta["method"] == "eul" and meta["model"] == "tiny-random-llama"  # the default method
     before, after = meta["metrics"]["before"], meta["metrics"]["after"]
     assert before["forget_nll"] > 0 and after["forget_nll"] != before["forget_nll"]  # the layer changed outputs
     assert load_file(str(tmp_path / "layer" / "layer.safetensors"))  # the tensors the worker would stage
