@@ -25,11 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from workers.engine.config import DEFAULT_METHOD, METHODS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# the public TOFU data the project keeps in ../shared/data/tofu beside the checkout; UNLEARN_TOFU_DIR overrides
 SEQUENTIAL = "_seq"  # TOFU "<method>_seq": that method, one request per forget author, fused in turn
 # every method in one request (the default first); the default, eul and npo also in sequential requests
 TOFU_METHODS = (DEFAULT_METHOD, *(m for m in METHODS if m != DEFAULT_METHOD),
                 *(m + SEQUENTIAL for m in dict.fromkeys((DEFAULT_METHOD, "eul", "npo"))))
+# the public TOFU data the project keeps in ../shared/data/tofu beside the checkout; UNLEARN_TOFU_DIR overrides
 DEFAULT_TOFU_DIR = Path(os.environ.get("UNLEARN_TOFU_DIR") or Path(__file__).resolve().parents[2] / "shared/data/tofu")
 console = Console(stderr=True)
 
