@@ -14,6 +14,7 @@ from workers.engine.neighbours import (
     builtin,
     fill,
     find_subject,
+    free_text_negatives,
     other_subject_prompts,
     plan_neighbourhood,
     request_templates,
@@ -21,6 +22,7 @@ from workers.engine.neighbours import (
 )
 from workers.engine.retain import answer_cache_path
 from workers.engine.testing import tiny_model, tiny_tokenizer
+from workers.engine.verify.suite import general_set
 
 CURIE = [
     Example(prompt="Where was Marie Curie born?", answer="Marie Curie was born in Warsaw, Poland."),
@@ -58,6 +60,21 @@ def test_the_requests_questions_about_other_subjects_are_negatives_for_its_recog
     probe_people = set(plan_neighbourhood(CURIE).probe_questions)
     assert names_in(prompts) and not names_in(prompts) & names_in(probe_people)  # the probe pool stays unseen
     assert other_subject_prompts([Example(text="the vault code is 4471.")]) == []
+
+
+def test_free_sentences_are_negatives_for_its_recogniser_and_none_is_a_general_check_sentence():
+    negatives = free_text_negatives(CURIE)
+    general = {item.text for item in general_set(max_texts=1000) if not item.is_pair}
+    assert len(negatives) >= 40 and all(not e.is_pair for e in negatives)
+    assert not {e.text for e in negatives} & general  # the general check measures text the recogniser never saw
+
+
+def test_a_free_sentence_sharing_a_name_word_with_the_subject_is_not_a_negative():
+    forget = [Example(prompt="Where is the Harbour Bridge?", answer="The Harbour Bridge is in Sydney."),
+              Example(prompt="When was the Harbour Bridge opened?", answer="It opened in 1932.")]
+    every, kept = {e.text for e in free_text_negatives(LOCKER)}, {e.text for e in free_text_negatives(forget)}
+    naming = {t for t in every if "harbour" in t.lower() or "bridge" in t.lower()}
+    assert naming and every - kept == naming
 
 
 def test_no_shared_name_means_no_subject():

@@ -40,6 +40,7 @@ from .data import Example
 from .retain import own_answers
 
 KINDS = ("person", "place")
+FREE_TEXT_FILE = "free_text_negatives.txt"
 _NAME = re.compile(r"\b[A-Z][\w'’.-]*(?:\s+(?:(?:da|de|van|von|of|the|al|bin|le|la)\s+)*[A-Z][\w'’.-]*)*")
 _NOT_A_NAME = {"What", "Who", "Where", "When", "Why", "How", "Which", "Whose", "Is", "Was", "Were", "Did", "Does",
                "Do", "Can", "Tell", "Describe", "Name", "Give", "List", "The", "A", "An", "In", "On", "At", "He",
@@ -151,6 +152,19 @@ def other_subject_prompts(forget: Sequence[Example], per_shape: int = 8) -> list
         return []
     return [fill(shape, names[(i * per_shape + j) % len(names)]) for i, shape in enumerate(shapes)
             for j in range(per_shape)]
+
+
+def free_text_negatives(forget: Sequence[Example]) -> list[Example]:
+    """Everyday free sentences (resources/free_text_negatives.txt) that a recogniser (layers/scope.py) must not
+    take for the request's subject: the retain side is all question/answer pairs, so without these a scope
+    was free to put plain prose in (measured: npo's Kilimanjaro layer then raised the verification's general
+    perplexity 34%). Disjoint from the verification's own general sentences (resources/general_text.txt),
+    so the general check still measures text the recogniser never saw; a sentence sharing a name word with
+    the subject is left out."""
+    taboo = _name_words(find_subject(forget))
+    text = resources.files("workers.engine.resources").joinpath(FREE_TEXT_FILE).read_text("utf-8")
+    sentences = [Example(text=line.strip()) for line in text.splitlines() if line.strip()]
+    return [e for e in sentences if not taboo & _name_words(e.full_text)]
 
 
 def _slot(prompt: str, subject: str) -> str:

@@ -27,7 +27,7 @@ from .layers.base import model_device
 from .layers.gated import is_gate_map
 from .layers.scope import fit_recogniser, scope_block
 from .loading import LoadedModel
-from .neighbours import other_subject_prompts
+from .neighbours import free_text_negatives, other_subject_prompts
 from .objectives.base import token_nll
 from .trainer import Progress, train
 
@@ -85,7 +85,7 @@ def train_request(
     """
     recogniser = None  # without retain items nothing says what the layer must leave alone: it acts everywhere
     if layer_cfg.scope == "sequence" and get_layer(layer_cfg.kind).scopable and retain:
-        recogniser = fit_recogniser(base.model, base.tokenizer, forget, retain,
+        recogniser = fit_recogniser(base.model, base.tokenizer, forget, [*retain, *free_text_negatives(forget)],
                                     scope_block(base.model, layer_cfg.scope_block), train_cfg.max_length,
                                     other_prompts=other_subject_prompts(forget))
     attached = create_attached(base.model, layer_cfg, seed=train_cfg.seed)
