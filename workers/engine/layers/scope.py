@@ -15,8 +15,9 @@ input at an early block k (the FFN block's input u, the normed residual stream),
 
 fitted, class-balanced with an L2 penalty (L-BFGS), on the request's forget items (positive) against its
 retain set (negative: the neighbourhood of other subjects of the same kind, generic chat, the operator's
-corpus, and everyday free sentences: neighbours.free_text_negatives), each item seen twice: as the question alone and as question + answer, and against the request's
-own questions asked about other subjects of its kind (so the shape of a question is not what it learns).
+corpus, everyday free sentences: neighbours.free_text_negatives), each item seen twice: as the question
+alone and as question + answer, and against the request's own questions asked about other subjects of its
+kind (so the shape of a question is not what it learns).
 A sequence in scope gets the fused layer on every position, prompt and generated tokens alike (`row_scale`
 1); any other sequence gets the base model's function (`row_scale` 0: the layer's branch is multiplied by
 zero). Block 2 of SmolLM2-135M was chosen by probing blocks 2-29 on four subjects: early blocks separated
