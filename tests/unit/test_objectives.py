@@ -12,6 +12,7 @@ from workers.engine.objectives import (
     FORGET,
     IGNORE_INDEX,
     MISMATCH,
+    OBJECTIVES,
     REFUSAL,
     RETAIN,
     RETAIN_REFUSAL,
@@ -124,6 +125,7 @@ def test_kl_uniform_to_model_by_hand():
 
 def test_registry_lists_every_configured_method():
     assert [get_objective(m).name for m in METHODS] == list(METHODS)
+    assert tuple(OBJECTIVES) == METHODS  # same names, same order
     with pytest.raises(ValueError, match="unknown unlearning method"):
         get_objective("nope")
 

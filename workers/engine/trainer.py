@@ -7,6 +7,10 @@ bypassed (`attached.disabled()`), so no second copy of the base is held in memor
 Deterministic for a given seed on a given device: the layer's init is seeded by its creator, batches
 come from seeded permutations (batching.index_batches) and the model runs in eval mode (no dropout).
 On CUDA the forward passes run under bf16 autocast; the layer and its optimiser state stay fp32.
+
+An objective with `relabel` (whp) gets a phase before the main loop (generic_forget): the layer is trained
+on the forget items alone (plain NLL, cfg.steps steps), the forget labels are replaced by relabel(base,
+reinforced) and the layer is put back to its initial weights; the main loop then trains on the new labels.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .batching import batches, collate, encode, mismatched, pad_id, refusals_for
+from .batching import Encoded, batches, collate, encode, mismatched, pad_id, refusals_for
 from .config import TrainConfig
 from .data import Example
 from .layers.base import AttachedLayerProtocol, model_device
@@ -38,6 +42,7 @@ from .objectives import (
     Stream,
     get_objective,
 )
+from .objectives.base import mean_nll
 
 # Each stream's batch order has its own seed offset; RETAIN_REFUSAL shares RETAIN's so that row i of
 # both batches holds the same retain prompt (the answer-preservation term compares them row by row).
@@ -82,13 +87,16 @@ def stream_examples(objective: Objective, forget: Sequence[Example], retain: Seq
     return {name: builders[name]() for name in objective.streams}
 
 
-def stream_batches(tokenizer, examples: dict[str, list[Example]], cfg: TrainConfig
+def stream_encoded(tokenizer, examples: dict[str, list[Example]], cfg: TrainConfig) -> dict[str, list[Encoded]]:
+    return {name: encode(tokenizer, items, cfg.max_length) for name, items in examples.items()}
+
+
+def stream_batches(encoded: dict[str, list[Encoded]], cfg: TrainConfig, pad: int
                    ) -> dict[str, Iterator[dict[str, Tensor]]]:
-    pad = pad_id(tokenizer)
+    """cfg.steps seeded batches per stream; the same stream and config always give the same batches."""
     return {
-        name: batches(encode(tokenizer, items, cfg.max_length), cfg.batch_size, cfg.steps,
-                      cfg.seed + STREAM_SEED_OFFSETS[name], pad)
-        for name, items in examples.items()
+        name: batches(items, cfg.batch_size, cfg.steps, cfg.seed + STREAM_SEED_OFFSETS[name], pad)
+        for name, items in encoded.items()
     }
 
 
@@ -133,6 +141,18 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def kept_from(model: nn.Module, labels: Tensor) -> int:
+    """First position whose logits are computed: the first predicting a scored token where the model can
+    skip the others (HF `logits_to_keep`), else 0."""
+    return first_predicting_position(labels) if accepts_logits_to_keep(model) else 0
+
+
+def logits_from(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    """(B, T - start, V) logits of positions start.. (start 0: all of them, any model)."""
+    extra = {"logits_to_keep": input_ids.shape[1] - start} if start else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
 def answer_vocabulary(tokenizer, examples: Sequence[Example], max_length: int) -> Tensor:
     """Sorted ids of every token scored in `examples` (the answers of pairs, all of a free text)."""
     encoded = encode(tokenizer, examples, max_length)
@@ -167,17 +187,15 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
     predicts a scored token on (HF `logits_to_keep`): for chat pairs that skips the prompt, which
     saves most of the vocabulary projection and softmax, the largest tensors of a step.
     """
-    trim = accepts_logits_to_keep(model)
     streams: dict[str, Stream] = {}
     gate_losses: list[Tensor] = []
     gate_loss = getattr(attached, "gate_loss", None)
     for name, tensors in batch.items():
         input_ids = tensors["input_ids"].to(device)
         attention_mask = tensors["attention_mask"].to(device)
-        start = first_predicting_position(tensors["labels"]) if trim else 0
-        extra = {"logits_to_keep": input_ids.shape[1] - start} if trim else {}
+        start = kept_from(model, tensors["labels"])
         with autocast_for(device):
-            student = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, T', V)
+            student = logits_from(model, input_ids, attention_mask, start)  # (B, T', V)
             if gate_loss is not None and name in GATE_TARGETS:
                 term = gate_loss(GATE_TARGETS[name], predicting_positions(tensors["labels"]).to(device))
                 if term is not None:
@@ -185,13 +203,98 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
             teacher = None
             if name in objective.teacher_streams:
                 with attached.disabled(), torch.no_grad():
-                    teacher = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+                    teacher = logits_from(model, input_ids, attention_mask, start)
         labels = tensors["labels"][:, start:].to(device)  # (B, T'), aligned with the kept logits
         shared = None
         if name == FORGET and retain_vocabulary is not None:
             shared = torch.isin(labels, retain_vocabulary.to(device))  # (B, T')
         streams[name] = Stream(student, labels, attention_mask[:, start:], teacher, shared)
     return ObjectiveInputs(streams), (torch.stack(gate_losses).mean() if gate_losses else None)
+
+
+def descend(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], loss: Tensor, grad_clip: float
+            ) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm grad_clip (0: not clipped)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
+# ---- relabelling objectives (whp): reinforce, relabel, reset -------------------------------------------
+
+
+def reinforce(model: nn.Module, attached: AttachedLayerProtocol, forget_batches: Iterator[dict[str, Tensor]],
+              cfg: TrainConfig, device: torch.device, on_step: Callable[[int, float], None],
+              should_stop: Callable[[], bool] | None = None) -> None:
+    """Make the forget items likelier still: AdamW on their plain causal-LM NLL, with the main loop's lr,
+    weight decay and clipping (WHP's "reinforced model" is the model with the layer trained this way)."""
+    params = attached.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step, tensors in enumerate(forget_batches, start=1):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"cancelled before reinforcement step {step} of {cfg.steps}")
+        start = kept_from(model, tensors["labels"])
+        with autocast_for(device):
+            logits = logits_from(model, tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
+                                 start)  # (B, T', V)
+        nll = mean_nll(logits, tensors["labels"][:, start:].to(device))
+        loss = float(nll.detach().float())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{cfg.method} reinforcement NLL is {loss} at step {step}")
+        descend(optimizer, params, nll, cfg.grad_clip)
+        on_step(step, loss)
+
+
+@torch.no_grad()
+def relabelled(model: nn.Module, attached: AttachedLayerProtocol, objective: Objective, weights,
+               encoded: Sequence[Encoded], cfg: TrainConfig, device: torch.device, pad: int) -> list[Encoded]:
+    """The items with objective.relabel's labels and their own input ids (teacher-forced): the model with
+    the layer as it is gives the reinforced logits, with the layer bypassed the base's. Batch by batch,
+    keeping only label ids: never the (N, T, V) logits of every item."""
+    out: list[Encoded] = []
+    for first in range(0, len(encoded), cfg.batch_size):
+        items = encoded[first:first + cfg.batch_size]
+        tensors = collate(items, pad)
+        input_ids, attention_mask = tensors["input_ids"].to(device), tensors["attention_mask"].to(device)
+        start = kept_from(model, tensors["labels"])
+        with autocast_for(device):
+            reinforced = logits_from(model, input_ids, attention_mask, start)  # (B, T', V)
+            with attached.disabled():
+                base = logits_from(model, input_ids, attention_mask, start)  # (B, T', V)
+        labels = tensors["labels"].clone()  # (B, T); columns before `start` predict nothing scored
+        labels[:, start:] = objective.relabel(base, reinforced, labels[:, start:].to(device), weights).cpu()
+        out += [{**item, "labels": labels[row, :len(item["labels"])].tolist()} for row, item in enumerate(items)]
+    return out
+
+
+def generic_forget(model: nn.Module, attached: AttachedLayerProtocol, objective: Objective, weights,
+                   forget: list[Encoded], cfg: TrainConfig, device: torch.device, pad: int,
+                   on_progress: Callable[[Progress], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[Encoded]:
+    """The forget items relabelled against a reinforced layer (reinforce, then relabelled); the layer is
+    back at the weights it had on entry when this returns or raises.
+
+    The reinforcement reuses the FORGET stream's seeded batches, so it sees the items in the order the
+    main loop will. Its steps are reported as step 0 (not training steps) with an eta that counts each
+    remaining step, its own and the main loop's, at a reinforcement step's cost: a lower bound, as a main
+    step also runs the retain stream and the teacher.
+    """
+    initial = attached.state_dict()
+    started = time.perf_counter()
+
+    def report(step: int, loss: float) -> None:
+        if on_progress is not None:
+            eta = (time.perf_counter() - started) / step * (2 * cfg.steps - step)
+            on_progress(Progress(0, cfg.steps, loss, eta, {"nll_reinforce": loss}))
+
+    forget_batches = batches(forget, cfg.batch_size, cfg.steps, cfg.seed + STREAM_SEED_OFFSETS[FORGET], pad)
+    try:
+        reinforce(model, attached, forget_batches, cfg, device, report, should_stop)
+        return relabelled(model, attached, objective, weights, forget, cfg, device, pad)
+    finally:
+        attached.load_state_dict(initial)
 
 
 def train(
@@ -207,14 +310,16 @@ def train(
     """Optimise attached.trainable_parameters() on cfg.method's objective for cfg.steps steps.
 
     Calls on_progress after every step and should_stop before every step (raises Cancelled when it
-    says stop). Raises FloatingPointError if the loss stops being finite.
+    says stop). Raises FloatingPointError if the loss stops being finite. An objective with `relabel`
+    first runs generic_forget (its reinforcement steps reported as step 0, not counted in result.steps).
     """
     objective = get_objective(cfg.method)
     weights = objective.weights(cfg.objective)
     device = model_device(model)
     params = attached.trainable_parameters()
     examples = stream_examples(objective, forget, retain, cfg.seed)
-    streams = stream_batches(tokenizer, examples, cfg)
+    encoded = stream_encoded(tokenizer, examples, cfg)
+    pad = pad_id(tokenizer)
     retain_vocabulary = answer_vocabulary(tokenizer, examples[RETAIN], cfg.max_length) if RETAIN in examples else None
 
     result = TrainResult(losses=[], steps=0, seconds=0.0)
@@ -223,7 +328,12 @@ def train(
         torch.manual_seed(cfg.seed)
         if getattr(attached, "has_gates", False):
             fit_gates(model, attached, gate_batches(tokenizer, examples, cfg))
+        if objective.relabel is not None:
+            encoded[FORGET] = generic_forget(model, attached, objective, weights, encoded[FORGET], cfg, device, pad,
+                                             on_progress, should_stop)
+        streams = stream_batches(encoded, cfg, pad)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        loop_started = time.perf_counter()
         for step in range(1, cfg.steps + 1):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled before step {step} of {cfg.steps}")
@@ -236,18 +346,13 @@ def train(
             loss = float(out.total.detach().float())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{cfg.method} loss is {loss} at step {step}; terms {out.terms}")
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            descend(optimizer, params, out.total, cfg.grad_clip)
 
             result.losses.append(loss)
             result.terms.append(dict(out.terms))
             result.steps = step
-            elapsed = time.perf_counter() - started
             if on_progress is not None:
-                eta = elapsed / step * (cfg.steps - step)
+                eta = (time.perf_counter() - loop_started) / step * (cfg.steps - step)
                 on_progress(Progress(step, cfg.steps, loss, eta, dict(out.terms)))
     result.seconds = time.perf_counter() - started
     return result

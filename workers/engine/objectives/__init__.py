@@ -5,7 +5,8 @@
     out = objective(ObjectiveInputs(streams), weights)  # out.total to backprop, out.terms to report
 
 `objective.streams` says which batches the trainer must build and `objective.teacher_streams` which of
-them also need the frozen base model's logits.
+them also need the frozen base model's logits; `objective.relabel`, when set, that the trainer
+replaces the forget labels first (whp's generic labels).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from .me_gd import ME_GD, MEGDWeights
 from .npo import NPO, NPOWeights
 from .simnpo import SIMNPO, SimNPOWeights
 from .undial import UNDIAL, UNDIALWeights
+from .whp import WHP, WHPWeights
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (EUL, GA_KL, ME_GD, IDK_AP, NPO, UNDIAL, SIMNPO)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (EUL, GA_KL, ME_GD, IDK_AP, NPO, UNDIAL, SIMNPO, WHP)}
 assert tuple(OBJECTIVES) == METHODS, "config.METHODS and the objective registry must list the same methods"
 
 
@@ -44,5 +46,5 @@ def get_objective(name: str) -> Objective:
 __all__ = [
     "FORGET", "IGNORE_INDEX", "METHODS", "MISMATCH", "OBJECTIVES", "REFUSAL", "RETAIN", "RETAIN_REFUSAL",
     "EULWeights", "GAKLWeights", "IDKAPWeights", "LossOutput", "MEGDWeights", "NPOWeights", "Objective",
-    "ObjectiveInputs", "SimNPOWeights", "Stream", "UNDIALWeights", "get_objective",
+    "ObjectiveInputs", "SimNPOWeights", "Stream", "UNDIALWeights", "WHPWeights", "get_objective",
 ]

@@ -68,6 +68,10 @@ class Objective:
     streams: tuple[str, ...]  # batches to build, FORGET first
     teacher_streams: tuple[str, ...] = ()  # streams that also need the frozen base's logits
     reference: str = ""
+    # When set, the trainer first reinforces the layer on the forget items (plain NLL), replaces the FORGET
+    # stream's labels with relabel(base_logits, reinforced_logits, labels, weights) -> labels (B, T), computed
+    # teacher-forced on each forget item, and resets the layer to its initial weights before training (whp).
+    relabel: Callable[[Tensor, Tensor, Tensor, Any], Tensor] | None = None
 
     def weights(self, overrides: Mapping[str, float] | None = None) -> Any:
         """Default weights with `overrides` (TrainConfig.objective) applied; unknown keys are an error."""
