@@ -18,6 +18,7 @@ modules, and nothing on a forward where no sequence is in the layer's scope.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,7 @@ from .base import LayerType, claim_model, model_device, release_model
 from .scope import SequenceScope
 
 KIND = "bottleneck"
+ALL_ROWS, SOME_ROWS, NO_ROWS = "all", "some", "none"  # AttachedLayer.rows_on: which rows of a forward are in scope
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -133,13 +135,27 @@ class AttachedLayer:
         claim_model(model, self)
         self.model, self.layer = model, layer
         self._enabled = True
-        self.row_scale: Tensor | None = None  # (B,) set per forward by a SequenceScope; None = every row
+        self.row_scale = None  # (B,) set per forward by a SequenceScope; None = every row
         self.scope: SequenceScope | None = None
         self._folded: list[tuple[nn.Module, str, nn.Linear]] = []  # (block, attribute, original projection)
         self._handles: list[RemovableHandle | None] = [
             block.register_forward_hook(self._hook_for(adapter))
             for block, adapter in zip(blocks, layer.adapters)
         ]
+
+    @property
+    def row_scale(self) -> Tensor | None:
+        return self._row_scale
+
+    @row_scale.setter
+    def row_scale(self, scale: Tensor | None) -> None:
+        """Also summarises it once per forward (`rows_on`), so each folded block reads a Python flag instead of
+        reducing the tensor itself (30 reductions, and on a GPU 30 syncs, per decode step)."""
+        self._row_scale = scale
+        if scale is None or bool(scale.all()):
+            self.rows_on = ALL_ROWS
+        else:
+            self.rows_on = SOME_ROWS if bool(scale.any()) else NO_ROWS
 
     def _hook_for(self, adapter: Bottleneck):
         def hook(_module: nn.Module, args: Any, output: Any) -> Any:
@@ -180,7 +196,7 @@ class AttachedLayer:
         folded = 0
         for i, (block, adapter) in enumerate(zip(find_ffn_blocks(self.model), self.layer.adapters)):
             found = output_projection(block)
-            if found is None or self._handles[i] is None or adapter.gate is not None:
+            if found is None or self._handles[i] is None or adapter.gate is not None or not act_at_one(adapter.act):
                 continue  # a gate reads the block's input, which the output projection never sees
             name, projection = found
             x = torch.randn(1, 3, hidden_size(self.model), device=projection.weight.device)  # (B, T, d)
@@ -266,6 +282,12 @@ def output_projection(block: nn.Module) -> tuple[str, nn.Linear] | None:
     return None
 
 
+def act_at_one(act: nn.Module) -> float:
+    """act(1), or 0.0 where that is not a finite non-zero number (FoldedProjection cannot carry b_up then)."""
+    value = float(act(torch.ones(1)))
+    return value if math.isfinite(value) and value != 0.0 else 0.0
+
+
 def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -281,6 +303,12 @@ class FoldedProjection(nn.Module):
     so a row out of the layer's scope (row_scale 0) gets exactly what the base model computes for it in the
     same batch, next to rows in scope; a forward where no row is in scope skips the adapter. The projection
     is used, not changed, and the adapter's weights are copies: `detach()` restores the block as it was.
+
+    Per decode step this is two small ops more than the base's projection (issue 14: the default layer's cost),
+    since at batch 1 on a CPU each op's fixed cost outweighs its arithmetic: z gets one more unit whose
+    pre-activation is the constant c = 1 (a zero row of A W, bias 1), so act(z) carries act(1) there and the
+    unit's up column b_up / act(1) adds b_up within the same matmul, and that matmul accumulates into h
+    (addmm). Rows are scaled only in a batch that mixes rows in and out of scope.
     """
 
     def __init__(self, projection: nn.Linear, adapter: Bottleneck, owner: AttachedLayer) -> None:
@@ -290,20 +318,28 @@ class FoldedProjection(nn.Module):
         with torch.no_grad():
             weight, down = projection.weight.float(), adapter.down.weight.float()  # (d, in), (r, d)
             bias = projection.bias.float() if projection.bias is not None else weight.new_zeros(weight.shape[0])
-            self.down_weight = nn.Parameter(down @ weight, requires_grad=False)  # (r, in)
-            self.down_bias = nn.Parameter(down @ bias + adapter.down.bias.float(), requires_grad=False)  # (r,)
-            self.up_weight = nn.Parameter(adapter.up.weight.detach().float().clone(), requires_grad=False)  # (d, r)
-            self.up_bias = nn.Parameter(adapter.up.bias.detach().float().clone(), requires_grad=False)  # (d,)
+            constant = act_at_one(adapter.act)
+            if not constant:
+                raise ValueError("act(1) must be finite and non-zero to carry the up bias")
+            down_weight = torch.cat([down @ weight, weight.new_zeros(1, weight.shape[1])])  # (r + 1, in)
+            down_bias = torch.cat([down @ bias + adapter.down.bias.float(), weight.new_ones(1)])  # (r + 1,)
+            up_bias = adapter.up.bias.detach().float() / constant  # (d,)
+            up_t = torch.cat([adapter.up.weight.detach().float().t(), up_bias[None]])  # (r + 1, d)
+            self.down_weight = nn.Parameter(down_weight, requires_grad=False)
+            self.down_bias = nn.Parameter(down_bias, requires_grad=False)
+            self.up_t = nn.Parameter(up_t.contiguous(), requires_grad=False)
         self.act, self.out_features = adapter.act, weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, in) -> (B, T, d)
         h = self.projection(x)  # (B, T, d)
-        row_scale = self._owner[0].row_scale
-        if row_scale is not None and not bool(row_scale.any()):
+        owner = self._owner[0]
+        if owner.rows_on == NO_ROWS:
             return h
-        z = nn.functional.linear(x, self.down_weight, self.down_bias)  # (B, T, r)
-        branch = nn.functional.linear(self.act(z), self.up_weight, self.up_bias)  # (B, T, d)
-        return h + scaled_rows(branch, row_scale)
+        a = self.act(nn.functional.linear(x, self.down_weight, self.down_bias))  # (B, T, r + 1)
+        if owner.rows_on == SOME_ROWS:
+            a = scaled_rows(a, owner.row_scale)
+        out = torch.addmm(h.reshape(-1, self.out_features), a.reshape(-1, a.shape[-1]), self.up_t)  # (B*T, d)
+        return out.view(h.shape)
 
 
 def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
