@@ -134,16 +134,23 @@ class Console:
 
     def _navigating(self, action: Callable[[], None], timeout: float = 30) -> None:
         """Do what loads a new page, and return once it has loaded: Selenium's click and submit return as
-        soon as the browser has the event, and a lookup right after can still meet the old page, or none."""
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
+        soon as the browser has the event, and a lookup right after can still meet the old page, or none.
+
+        The old page is marked with a window property, which a new document does not have. (Waiting for the
+        old <html> element to go stale raced Chromium's teardown of it: "Node with given id does not belong
+        to the document", a plain WebDriverException rather than a stale-element one.) Errors while the
+        browser is between documents are retried until the timeout."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        old_page = self.driver.find_element(By.TAG_NAME, "html")
+        self.driver.execute_script("window.__old_page = true")
         action()
-        wait = WebDriverWait(self.driver, timeout, poll_frequency=0.1)
-        wait.until(expected_conditions.staleness_of(old_page))
-        wait.until(lambda driver: driver.execute_script("return document.readyState") == "complete")
+        wait = WebDriverWait(self.driver, timeout, poll_frequency=0.1, ignored_exceptions=(WebDriverException,))
+        wait.until(
+            lambda driver: driver.execute_script(
+                "return window.__old_page === undefined && document.readyState === 'complete'"
+            )
+        )
 
     def heading(self) -> str:
         from selenium.webdriver.common.by import By
