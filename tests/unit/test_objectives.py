@@ -367,13 +367,18 @@ def test_undial_forget_term_is_smallest_at_the_adjusted_teacher():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_objective_is_differentiable_and_finite(method):
     objective = get_objective(method)
-    streams = {}
+    streams, leaves = {}, []
     for i, name in enumerate(objective.streams):
         student = fixed_logits(60 + i).requires_grad_(True)
         teacher = fixed_logits(70 + i) if name in objective.teacher_streams else None
-        streams[name] = Stream(student, LABELS, MASK, teacher)
+        hidden = teacher_hidden = None
+        if objective.reads_hidden:  # embeddings + 2 blocks, (B, T, D=5) each
+            hidden = tuple(fixed_logits(80 + 3 * i + k).requires_grad_(True) for k in range(3))
+            teacher_hidden = tuple(fixed_logits(90 + 3 * i + k) for k in range(3))
+        streams[name] = Stream(student, LABELS, MASK, teacher, hidden=hidden, teacher_hidden=teacher_hidden)
+        leaves += [student, *(hidden or ())]
     out = objective(ObjectiveInputs(streams))
     out.total.backward()
     assert math.isfinite(out.total.item())
     assert all(math.isfinite(v) for v in out.terms.values())
-    assert any(s.student.grad.abs().sum() > 0 for s in streams.values())
+    assert any(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in leaves)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 # The one place method and layer names are written; the objective and layer registries check against them.
-METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo", "whp")
+METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo", "whp", "rmu")
 # The objective a request trains with unless it names one. npo forgets more on both benchmarks (TOFU, 4 authors:
 # forget quality 0.822 vs 0.001; selectivity: forget drop 0.863 vs 0.783), but where its layer acts it takes far
 # more than the forget items: through the API (tests/e2e/test_selectivity.py) its second request raised the

@@ -42,7 +42,7 @@ from .objectives import (
     Stream,
     get_objective,
 )
-from .objectives.base import mean_nll
+from .objectives.base import mean_nll, predicting_positions
 
 # Each stream's batch order has its own seed offset; RETAIN_REFUSAL shares RETAIN's so that row i of
 # both batches holds the same retain prompt (the answer-preservation term compares them row by row).
@@ -131,12 +131,6 @@ def first_predicting_position(labels: Tensor) -> int:
     return max(int(scored_columns[0]) - 1, 0) if len(scored_columns) else 0
 
 
-def predicting_positions(labels: Tensor) -> Tensor:
-    """(B, T) true where the hidden state predicts a scored token (position t predicts labels[t + 1])."""
-    scored = labels != IGNORE_INDEX  # (B, T)
-    return torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
-
-
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -147,10 +141,19 @@ def kept_from(model: nn.Module, labels: Tensor) -> int:
     return first_predicting_position(labels) if accepts_logits_to_keep(model) else 0
 
 
+def forward_from(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int, hidden: bool = False
+                 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """(B, T - start, V) logits of positions start.. (start 0: all of them, any model) and, when asked,
+    every block's output at the same positions (HF hidden_states, each (B, T - start, D))."""
+    extra = {"logits_to_keep": input_ids.shape[1] - start} if start else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden, **extra)
+    states = tuple(h[:, start:] for h in out.hidden_states) if hidden else None
+    return out.logits, states
+
+
 def logits_from(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
     """(B, T - start, V) logits of positions start.. (start 0: all of them, any model)."""
-    extra = {"logits_to_keep": input_ids.shape[1] - start} if start else {}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+    return forward_from(model, input_ids, attention_mask, start)[0]
 
 
 def answer_vocabulary(tokenizer, examples: Sequence[Example], max_length: int) -> Tensor:
@@ -195,20 +198,21 @@ def forward_streams(model: nn.Module, attached: AttachedLayerProtocol, objective
         attention_mask = tensors["attention_mask"].to(device)
         start = kept_from(model, tensors["labels"])
         with autocast_for(device):
-            student = logits_from(model, input_ids, attention_mask, start)  # (B, T', V)
+            student, hidden = forward_from(model, input_ids, attention_mask, start, objective.reads_hidden)
             if gate_loss is not None and name in GATE_TARGETS:
                 term = gate_loss(GATE_TARGETS[name], predicting_positions(tensors["labels"]).to(device))
                 if term is not None:
                     gate_losses.append(term)
-            teacher = None
+            teacher = teacher_hidden = None
             if name in objective.teacher_streams:
                 with attached.disabled(), torch.no_grad():
-                    teacher = logits_from(model, input_ids, attention_mask, start)
+                    teacher, teacher_hidden = forward_from(model, input_ids, attention_mask, start,
+                                                           objective.reads_hidden)
         labels = tensors["labels"][:, start:].to(device)  # (B, T'), aligned with the kept logits
         shared = None
         if name == FORGET and retain_vocabulary is not None:
             shared = torch.isin(labels, retain_vocabulary.to(device))  # (B, T')
-        streams[name] = Stream(student, labels, attention_mask[:, start:], teacher, shared)
+        streams[name] = Stream(student, labels, attention_mask[:, start:], teacher, shared, hidden, teacher_hidden)
     return ObjectiveInputs(streams), (torch.stack(gate_losses).mean() if gate_losses else None)
 
 

@@ -6,7 +6,8 @@
 
 `objective.streams` says which batches the trainer must build and `objective.teacher_streams` which of
 them also need the frozen base model's logits; `objective.relabel`, when set, that the trainer
-replaces the forget labels first (whp's generic labels).
+replaces the forget labels first (whp's generic labels); `objective.reads_hidden`, that the
+streams carry every block's output as well (rmu).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from .ga_kl import GA_KL, GAKLWeights
 from .idk_ap import IDK_AP, IDKAPWeights
 from .me_gd import ME_GD, MEGDWeights
 from .npo import NPO, NPOWeights
+from .rmu import RMU, RMUWeights
 from .simnpo import SIMNPO, SimNPOWeights
 from .undial import UNDIAL, UNDIALWeights
 from .whp import WHP, WHPWeights
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (EUL, GA_KL, ME_GD, IDK_AP, NPO, UNDIAL, SIMNPO, WHP)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (EUL, GA_KL, ME_GD, IDK_AP, NPO, UNDIAL, SIMNPO, WHP, RMU)}
 assert tuple(OBJECTIVES) == METHODS, "config.METHODS and the objective registry must list the same methods"
 
 
@@ -46,5 +48,5 @@ def get_objective(name: str) -> Objective:
 __all__ = [
     "FORGET", "IGNORE_INDEX", "METHODS", "MISMATCH", "OBJECTIVES", "REFUSAL", "RETAIN", "RETAIN_REFUSAL",
     "EULWeights", "GAKLWeights", "IDKAPWeights", "LossOutput", "MEGDWeights", "NPOWeights", "Objective",
-    "ObjectiveInputs", "SimNPOWeights", "Stream", "UNDIALWeights", "WHPWeights", "get_objective",
+    "ObjectiveInputs", "RMUWeights", "SimNPOWeights", "Stream", "UNDIALWeights", "WHPWeights", "get_objective",
 ]

@@ -37,6 +37,10 @@ class Stream:
     attention_mask: Tensor  # (B, T), 1 on real tokens
     teacher: Tensor | None = None  # (B, T, V), no grad
     shared: Tensor | None = None  # (B, T) bool: the label token also occurs in a retain answer (forget stream)
+    # Objective.reads_hidden: every block's output (HF hidden_states: the embeddings, then block 0, 1, ...),
+    # each (B, T, D) and aligned with labels, on the student and, for teacher streams, on the frozen base.
+    hidden: tuple[Tensor, ...] | None = None
+    teacher_hidden: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Objective:
     # stream's labels with relabel(base_logits, reinforced_logits, labels, weights) -> labels (B, T), computed
     # teacher-forced on each forget item, and resets the layer to its initial weights before training (whp).
     relabel: Callable[[Tensor, Tensor, Tensor, Any], Tensor] | None = None
+    reads_hidden: bool = False  # the trainer fills Stream.hidden (and teacher_hidden) for every stream (rmu)
 
     def weights(self, overrides: Mapping[str, float] | None = None) -> Any:
         """Default weights with `overrides` (TrainConfig.objective) applied; unknown keys are an error."""
@@ -98,6 +103,12 @@ def shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def scored_mask(labels: Tensor) -> Tensor:
     return labels != IGNORE_INDEX
+
+
+def predicting_positions(labels: Tensor) -> Tensor:
+    """(B, T) true where the hidden state predicts a scored token (position t predicts labels[t + 1])."""
+    scored = scored_mask(labels)  # (B, T)
+    return torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
