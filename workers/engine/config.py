@@ -7,11 +7,12 @@ from typing import Any, Literal
 
 # The one place method and layer names are written; the objective and layer registries check against them.
 METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo", "whp", "rmu")
-# The objective a request trains with unless it names one. npo forgets more on both benchmarks (TOFU, 4 authors:
-# forget quality 0.822 vs 0.001; selectivity: forget drop 0.863 vs 0.783), but where its layer acts it takes far
-# more than the forget items: through the API (tests/e2e/test_selectivity.py) its second request raised the
-# verdict's general perplexity by 50% (limit 15%) and failed; eul's bounded objective passes every check there.
-# benchmarks/results/README.md has the tables.
+# The objective a request trains with unless it names one: eul, the method the product is built on (docs/DESIGN.md
+# section 5, from the project's contract). Measured against the others (benchmarks/results/README.md): npo forgets
+# more on TOFU (4 authors: forget quality 0.822 vs 0.001) and on the selectivity subjects, and since the recognisers
+# see free sentences as negatives it passes its verdict where it once failed (Mount Kilimanjaro: general perplexity
+# +0.0%, was +33.5%); rmu forgets most, by turning the subject's answers into noise. eul passes every check on every
+# subject measured; on TOFU it under-forgets. Choosing another default is a product decision, not a tuning one.
 DEFAULT_METHOD = "eul"
 LAYER_KINDS = ("bottleneck", "lora", "linear", "gated")
 LayerKind = Literal[LAYER_KINDS]
