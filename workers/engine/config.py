@@ -11,8 +11,9 @@ METHODS = ("eul", "ga_kl", "me_gd", "idk_ap", "npo", "undial", "simnpo", "whp", 
 # section 5, from the project's contract). Measured against the others (benchmarks/results/README.md): npo forgets
 # more on TOFU (4 authors: forget quality 0.822 vs 0.001) and on the selectivity subjects, and since the recognisers
 # see free sentences as negatives it passes its verdict where it once failed (Mount Kilimanjaro: general perplexity
-# +0.0%, was +33.5%); rmu forgets most, by turning the subject's answers into noise. eul passes every check on every
-# subject measured; on TOFU it under-forgets. Choosing another default is a product decision, not a tuning one.
+# +0.0%, was +33.5%); rmu forgets most there, by turning the answers into noise (and over-forgets on TOFU). eul
+# passes every check on every subject measured; on TOFU it under-forgets. Choosing another default is a product
+# decision, not a tuning one.
 DEFAULT_METHOD = "eul"
 LAYER_KINDS = ("bottleneck", "lora", "linear", "gated")
 LayerKind = Literal[LAYER_KINDS]
