@@ -81,6 +81,7 @@ def test_serving_bench_loads_the_http_api_and_compares_fused_models_with_base(tm
     assert "aggregate tokens/s" in text
     meta = json.loads((tmp_path / "serving.json").read_text())
     assert all(rate > 0 for rate in meta["data"]["decode_tokens_per_s"].values())
+    assert all(ratio > 0 for ratio in meta["data"]["decode_vs_base_paired"].values()) and "(paired)" in text
     assert {level: meta["data"]["load"][level]["tokens"] > 0 for level in ("1", "2")} == {"1": True, "2": True}
     assert set(meta["load"]) == {"before", "after", "cores", "noisy"} and "load average (1 min) before" in text
 

@@ -157,16 +157,17 @@ def test_the_registry_holds_every_configured_kind_and_names_them_for_an_unknown_
         get_layer("adapter")
 
 
-def trained_bottleneck(model) -> AttachedLayerProtocol:
-    attached = attach(model, UnlearningLayer.create(model, LayerConfig(), seed=0))
+def trained_bottleneck(model, activation: str = "gelu") -> AttachedLayerProtocol:
+    attached = attach(model, UnlearningLayer.create(model, LayerConfig(activation=activation), seed=0))
     perturb(attached)
     return attached
 
 
-def test_folding_adapters_into_the_output_projections_serves_the_same_function(batch):
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])  # gelu takes the erf form, the others act()
+def test_folding_adapters_into_the_output_projections_serves_the_same_function(batch, activation):
     model = tiny_model("llama")
     base_logits = logits(model, batch)
-    attached = trained_bottleneck(model)
+    attached = trained_bottleneck(model, activation)
     hooked_logits = logits(model, batch)
     assert attached.fold_for_serving() == len(find_ffn_blocks(model))
     assert all(type(block.down_proj).__name__ == "FoldedProjection" for block in find_ffn_blocks(model))

@@ -11,15 +11,15 @@ they were, and `detach()` gives back the bit-identical base.
 Not mergeable: the adapter is a nonlinear residual branch that no weight of a stock Llama/GPT-2 block can
 express (with the identity activation it can: the `linear` kind, layers/linear.py), so a bottleneck version
 is served (and only served) with the unlearn runtime. For serving, `fold_for_serving` moves each adapter into
-its block's output projection where that is exact (FoldedProjection: the adapter's down map reads the
-projection's input through A W, precomputed), which costs far less per step than a forward hook and three extra
-modules, and nothing on a forward where no sequence is in the layer's scope.
+its block's output projection where that is exact (FoldedProjection: the adapter as three ops on the
+projection's output), which costs far less per step than a forward hook and three extra modules, and nothing
+on a forward where no sequence is in the layer's scope.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -282,7 +282,7 @@ def output_projection(block: nn.Module) -> tuple[str, nn.Linear] | None:
     return None
 
 
-def act_at_one(act: nn.Module) -> float:
+def act_at_one(act: Callable[[Tensor], Tensor]) -> float:
     """act(1), or 0.0 where that is not a finite non-zero number (FoldedProjection cannot carry b_up then)."""
     value = float(act(torch.ones(1)))
     return value if math.isfinite(value) and value != 0.0 else 0.0
@@ -292,54 +292,73 @@ def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+SQRT_HALF = math.sqrt(0.5)
+
+
+def gelu_by_erf(z: Tensor) -> Tensor:
+    """z (1 + erf(z)) in two ops: GELU(x) = x/2 (1 + erf(x/sqrt 2)) = sqrt(1/2) g(x sqrt(1/2)), g(z) this.
+    A CPU op has a fixed cost, and aten's exact gelu pays several times erf's on a decode step's few units."""
+    return torch.addcmul(z, z, torch.erf(z))
+
+
+def is_exact_gelu(act: nn.Module) -> bool:
+    probe = torch.linspace(-6.0, 6.0, 97)
+    with torch.no_grad():
+        return bool(torch.allclose(act(probe), 0.5 * probe * (1 + torch.erf(probe * SQRT_HALF)), atol=1e-6))
+
+
 class FoldedProjection(nn.Module):
-    """An FFN output projection followed by its adapter, with the adapter's down map folded into the input side:
+    """An FFN output projection followed by its adapter, computed in a few ops on the projection's output:
 
-        h = W x + b                                              # the base projection itself, untouched
-        z = A h + b_down = (A W) x + (A b + b_down)              # (B, T, r), one matmul from x
-        out = h + row_scale * (W_up act(z) + b_up)               # = Bottleneck(h) on in-scope rows
+        h = W x + b                                              # the base projection's own weights, as it does
+        a = act([h, 1] @ D)       D = [[A^T, 0], [b_down, 1]]    # (B*T, r + 1): the adapter's down map, plus c
+        out = h + (row_scale * a) @ U   U = [W_up^T; b_up / c]   # addmm accumulating into h
 
-    Equal to the hooked adapter up to float rounding (A W is precomputed). h is the base projection's own call,
-    so a row out of the layer's scope (row_scale 0) gets exactly what the base model computes for it in the
-    same batch, next to rows in scope; a forward where no row is in scope skips the adapter. The projection
-    is used, not changed, and the adapter's weights are copies: `detach()` restores the block as it was.
+    = Bottleneck(h) on in-scope rows (the same arithmetic as the hook, in fewer ops). h is computed exactly as
+    the base projection computes it, so a row out of the layer's scope (row_scale 0) gets what the base model
+    computes for it in the same batch, next to rows in scope; a forward where no row is in scope skips the
+    adapter. The projection is kept, not changed (a submodule, so copies such as quantized_copy round its
+    weight as a file would), and the adapter's weights are copies: `detach()` restores the block as it was.
 
-    Per decode step this is two small ops more than the base's projection (issue 14: the default layer's cost),
-    since at batch 1 on a CPU each op's fixed cost outweighs its arithmetic: z gets one more unit whose
-    pre-activation is the constant c = 1 (a zero row of A W, bias 1), so act(z) carries act(1) there and the
-    unit's up column b_up / act(1) adds b_up within the same matmul, and that matmul accumulates into h
-    (addmm). Rows are scaled only in a batch that mixes rows in and out of scope.
+    Why this shape (issue 14: the default layer's cost, benchmarks/results/serving.md): decoding on a CPU
+    streams every weight from memory once per step, and each op and each module call has a fixed cost that
+    outweighs a bottleneck's arithmetic, so the adapter costs what it reads plus what it launches. The down
+    map reads the d-wide h, not the FFN-wide x; the up bias rides in the up matmul as one more unit whose
+    pre-activation is the constant 1 (c = act(1)); the projection is called as F.linear (one module call per
+    block, as before the fold); the exact GELU (the default activation) runs as gelu_by_erf with its two
+    sqrt(1/2) factors folded into D and U. Rows are scaled only in a batch that mixes rows in and out of scope.
     """
 
     def __init__(self, projection: nn.Linear, adapter: Bottleneck, owner: AttachedLayer) -> None:
         super().__init__()
         self._owner = [owner]  # its row_scale (a list: not a submodule, not in any state_dict)
-        self.projection = projection  # a submodule, so copies (quantized_copy) round its weight as the file does
+        self.projection = projection
+        self.act = gelu_by_erf if is_exact_gelu(adapter.act) else adapter.act
+        scale = SQRT_HALF if self.act is gelu_by_erf else 1.0  # act(x) = scale * self.act(scale * x)
         with torch.no_grad():
-            weight, down = projection.weight.float(), adapter.down.weight.float()  # (d, in), (r, d)
-            bias = projection.bias.float() if projection.bias is not None else weight.new_zeros(weight.shape[0])
-            constant = act_at_one(adapter.act)
+            down = adapter.down.weight.detach().float() * scale  # (r, d)
+            constant = act_at_one(self.act)
             if not constant:
                 raise ValueError("act(1) must be finite and non-zero to carry the up bias")
-            down_weight = torch.cat([down @ weight, weight.new_zeros(1, weight.shape[1])])  # (r + 1, in)
-            down_bias = torch.cat([down @ bias + adapter.down.bias.float(), weight.new_ones(1)])  # (r + 1,)
+            down_t = torch.cat([down.t(), down.new_zeros(down.shape[1], 1)], dim=1)  # (d, r + 1)
+            down_bias = torch.cat([adapter.down.bias.detach().float() * scale, down.new_ones(1)])  # (r + 1,)
             up_bias = adapter.up.bias.detach().float() / constant  # (d,)
-            up_t = torch.cat([adapter.up.weight.detach().float().t(), up_bias[None]])  # (r + 1, d)
-            self.down_weight = nn.Parameter(down_weight, requires_grad=False)
+            up_t = torch.cat([adapter.up.weight.detach().float().t() * scale, up_bias[None]])  # (r + 1, d)
+            self.down_t = nn.Parameter(down_t.contiguous(), requires_grad=False)
             self.down_bias = nn.Parameter(down_bias, requires_grad=False)
             self.up_t = nn.Parameter(up_t.contiguous(), requires_grad=False)
-        self.act, self.out_features = adapter.act, weight.shape[0]
+        self.out_features = projection.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, in) -> (B, T, d)
-        h = self.projection(x)  # (B, T, d)
+        h = nn.functional.linear(x, self.projection.weight, self.projection.bias)  # (B, T, d)
         owner = self._owner[0]
         if owner.rows_on == NO_ROWS:
             return h
-        a = self.act(nn.functional.linear(x, self.down_weight, self.down_bias))  # (B, T, r + 1)
+        rows = h.view(-1, self.out_features)  # (B*T, d)
+        a = self.act(torch.addmm(self.down_bias, rows, self.down_t))  # (B*T, r + 1)
         if owner.rows_on == SOME_ROWS:
-            a = scaled_rows(a, owner.row_scale)
-        out = torch.addmm(h.reshape(-1, self.out_features), a.reshape(-1, a.shape[-1]), self.up_t)  # (B*T, d)
-        return out.view(h.shape)
+            a = scaled_rows(a.view(*h.shape[:-1], -1), owner.row_scale).view(a.shape)
+        return torch.addmm(rows, a, self.up_t).view(h.shape)
 
 
 def attach(model: nn.Module, layer: UnlearningLayer) -> AttachedLayer:
