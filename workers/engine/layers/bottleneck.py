@@ -314,7 +314,7 @@ class FoldedProjection(nn.Module):
         a = act([h, 1] @ D)       D = [[A^T, 0], [b_down, 1]]    # (B*T, r + 1): the adapter's down map, plus c
         out = h + (row_scale * a) @ U   U = [W_up^T; b_up / c]   # addmm accumulating into h
 
-    = Bottleneck(h) on in-scope rows (the same arithmetic as the hook, in fewer ops). h is computed exactly as
+    = Bottleneck(h) on in-scope rows, up to float rounding (fewer ops than the hook). h is computed exactly as
     the base projection computes it, so a row out of the layer's scope (row_scale 0) gets what the base model
     computes for it in the same batch, next to rows in scope; a forward where no row is in scope skips the
     adapter. The projection is kept, not changed (a submodule, so copies such as quantized_copy round its
